@@ -1,0 +1,122 @@
+"""The user's knobs, validated once, and the shape contract of a decode call (SPEC section 1)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from topkphi.feature_maps import FEATURE_MAP_KINDS, FeatureMap
+
+SELECTIONS = ("exact", "page")
+
+
+class Dims(NamedTuple):
+    batch: int
+    n_q_heads: int
+    n_kv_heads: int
+    n_tokens: int
+    d: int
+    dv: int
+
+    @property
+    def group(self) -> int:
+        return self.n_q_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class Config:
+    """Budgets and maps of one decode policy.
+
+    ``feature_map=None`` turns the completion off: the Top-K-only baseline.
+    """
+
+    n_sink: int = 4
+    n_tail: int = 64
+    top_k: int = 256
+    selection: str = "exact"
+    page_size: int = 16
+    feature_map: str | FeatureMap | None = "prf"
+    n_features: int = 64
+    seed: int = 0
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_sink", "n_tail", "top_k", "page_size", "n_features", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("n_sink", "n_tail"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k} (use a dense baseline for no retrieval)")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {self.n_features}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {self.scale!r}")
+        fmap = self.feature_map
+        if isinstance(fmap, str):
+            if fmap not in FEATURE_MAP_KINDS:
+                raise ValueError(f"unknown feature map {fmap!r}; expected one of {FEATURE_MAP_KINDS} or None")
+            if fmap == "learned":
+                raise ValueError(
+                    "feature_map='learned' needs calibrated parameters: pass FeatureMap.learned(...) "
+                    "or a map loaded from a phi file"
+                )
+        elif fmap is not None and not isinstance(fmap, FeatureMap):
+            raise ValueError(f"feature_map must be a name, a FeatureMap or None, got {type(fmap).__name__}")
+
+    @property
+    def completion(self) -> bool:
+        return self.feature_map is not None
+
+    def tau(self, d: int) -> float:
+        return self.scale if self.scale is not None else d**-0.5
+
+    def feature_map_for(self, d: int) -> FeatureMap | None:
+        """The map this config uses for head dimension ``d`` (drawn once, then cached)."""
+        fmap = self.feature_map
+        if fmap is None or isinstance(fmap, FeatureMap):
+            if fmap is not None and fmap.d != d:
+                raise ValueError(f"feature map was built for d={fmap.d}, the cache has d={d}")
+            return fmap
+        return _named_feature_map(fmap, d, self.n_features, self.seed)
+
+    def check_shapes(self, q: Any, k: Any, v: Any) -> Dims:
+        """Validate ``q [B,Hq,d]``, ``k [B,Hkv,N,d]``, ``v [B,Hkv,N,dv]`` and return their sizes."""
+        return check_shapes(q, k, v)
+
+
+def check_shapes(q: Any, k: Any, v: Any | None = None) -> Dims:
+    k_shape = tuple(k.shape)
+    v_shape = tuple(v.shape) if v is not None else k_shape
+    if len(k_shape) != 4 or len(v_shape) != 4:
+        raise ValueError(f"k and v must be [B, Hkv, N, d]; got k {k_shape}, v {v_shape}")
+    batch, n_kv, n_tokens, d = k_shape
+    if v_shape[:3] != (batch, n_kv, n_tokens):
+        raise ValueError(f"v {v_shape} does not match k {k_shape} in [B, Hkv, N]")
+    if q is not None:
+        q_shape = tuple(q.shape)
+        if len(q_shape) != 3 or q_shape[0] != batch or q_shape[2] != d:
+            raise ValueError(f"q must be [B, Hq, d] = [{batch}, Hq, {d}]; got {q_shape}")
+        n_q = q_shape[1]
+        if n_kv == 0 or n_q % n_kv != 0:
+            raise ValueError(f"query heads ({n_q}) must be a multiple of KV heads ({n_kv})")
+    else:
+        n_q = n_kv
+    if n_tokens < 1:
+        raise ValueError("the KV cache is empty")
+    return Dims(batch, n_q, n_kv, n_tokens, d, v_shape[3])
+
+
+@functools.lru_cache(maxsize=64)
+def _named_feature_map(kind: str, d: int, n_features: int, seed: int) -> FeatureMap:
+    if kind == "prf":
+        return FeatureMap.prf(d, n_features, seed)
+    return FeatureMap.taylor2(d)

@@ -1,0 +1,37 @@
+"""The fixed-size side state kept beside the KV cache (SPEC section 4).
+
+Arrays are the backend's own type; this module only says what they hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Summary:
+    """Feature-map summary of the folded mid tokens plus Quest-style page metadata.
+
+    ``s [B,Hkv,m,dv]`` and ``z [B,Hkv,m]`` hold ``sum_j w_j v_j^T`` and ``sum_j w_j`` with
+    ``w_j = exp(l_k(k_j) - c_max)``; ``c_max [B,Hkv]`` is ``C`` (-inf while nothing is folded).
+    ``kmin``/``kmax [B,Hkv,n_pages,d]`` cover pages ``first_page ..`` of the folded range.
+    """
+
+    n_tokens: int  # cache length this summary describes
+    mid_start: int  # folded range [mid_start, mid_end)
+    mid_end: int
+    s: Any = None  # None when the completion is off
+    z: Any = None
+    c_max: Any = None
+    kmin: Any = None  # None unless selection == "page"
+    kmax: Any = None
+    first_page: int = 0
+
+    @property
+    def n_folded(self) -> int:
+        return self.mid_end - self.mid_start
+
+    @property
+    def n_pages(self) -> int:
+        return 0 if self.kmin is None else int(self.kmin.shape[2])
