@@ -66,6 +66,12 @@ def available_backends() -> list[str]:
     return names
 
 
+def describe_backends() -> list[tuple[str, bool, str]]:
+    """``(name, usable here, how to install it)`` for every known backend."""
+    usable = set(available_backends())
+    return [(name, name in usable, info[3]) for name, info in _BACKENDS.items()]
+
+
 def get_backend(name: str, **options) -> Backend:
     """Instantiate backend ``name``; unknown or unusable names raise with the available ones listed."""
     if name not in _BACKENDS:

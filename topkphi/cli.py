@@ -1,0 +1,42 @@
+"""The `topkphi` command. Subcommands live in `topkphi/commands/` and are imported only when run,
+so `topkphi --help` stays instant on a machine without torch or mlx."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+import topkphi
+
+# name -> (module, function, one-line help shown by --help without importing the module)
+SUBCOMMANDS = {
+    "backends": ("topkphi.commands.backends", "backends", "List the backends and whether each runs here."),
+    "demo": ("topkphi.commands.demo", "demo", "Top-K only vs Top-K + phi against dense, on random KV."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return None
+        module, attr, _ = SUBCOMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SUBCOMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(topkphi.__version__, prog_name="topkphi")
+def main() -> None:
+    """Long-context decoding that reads a few KV tokens exactly and estimates the rest."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per `topkphi` subcommand; each imports its heavy dependencies itself."""
