@@ -11,6 +11,7 @@ import topkphi
 
 # name -> (module, function, one-line help shown by --help without importing the module)
 SUBCOMMANDS = {
+    "chat": ("topkphi.commands.chat", "chat", "Chat with a model through topkphi (or --dense)."),
     "backends": ("topkphi.commands.backends", "backends", "List the backends and whether each runs here."),
     "demo": ("topkphi.commands.demo", "demo", "Top-K only vs Top-K + phi against dense, on random KV."),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -71,6 +72,10 @@ class Config:
                 )
         elif fmap is not None and not isinstance(fmap, FeatureMap):
             raise ValueError(f"feature_map must be a name, a FeatureMap or None, got {type(fmap).__name__}")
+
+    def replace(self, **changes) -> Config:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def completion(self) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from topkphi.config import Config
 from topkphi.feature_maps import FeatureMap
+from topkphi.regions import n_selected_pages, page_span
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,12 @@ def summary_reads(fmap: FeatureMap | None, d: int, dv: int) -> float:
 
 
 def selection_reads(cfg: Config, n_mid: int, d: int, dv: int) -> float:
-    if n_mid == 0:
-        return 0.0
+    """Zero when the budget takes the whole mid: nothing needs ranking, it is exact attention."""
     if cfg.selection == "exact":
-        return n_mid * d / (d + dv)
+        return 0.0 if cfg.top_k >= n_mid else n_mid * d / (d + dv)
+    _, n_pages = page_span(cfg.n_sink, cfg.n_sink + n_mid, cfg.page_size)
+    if n_selected_pages(cfg.top_k, cfg.page_size, n_pages) >= n_pages:
+        return 0.0
     return 2 * math.ceil(n_mid / cfg.page_size) * d / (d + dv)
 
 

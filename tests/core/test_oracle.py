@@ -235,3 +235,10 @@ def test_any_shape_gives_a_convex_combination(n_tokens, n_kv, group, n_sink, n_t
     assert np.all(stats.tokens_read <= n_tokens)
     if top_k >= n_tokens:
         assert rel_err(out, ORACLE.dense(case.q, case.k, case.v)) < 1e-12
+
+
+@pytest.mark.parametrize("selection", ["exact", "page"])
+def test_budget_covering_mid_reads_exactly_the_context(selection):
+    case = random_case(12, n_tokens=90, selection=selection, top_k=200, page_size=8)
+    _, stats = run(case)
+    np.testing.assert_allclose(stats.token_equivalents, 90)  # no summary, no ranking: plain dense reads

@@ -1,0 +1,1 @@
+"""Token generation loops for the chat: one engine per framework, same interface."""

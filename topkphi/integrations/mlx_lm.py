@@ -1,0 +1,124 @@
+"""mlx-lm: a KVCache subclass that carries the summary, and decode-step routing of mlx-lm's attention.
+
+mlx-lm's model files import ``scaled_dot_product_attention`` by name, so routing patches that
+global in each module the loaded model uses, and puts the original back on exit.
+
+    cache = [TopKPhiKVCache(cfg, backend) for _ in model.layers]
+    with topkphi_attention(model):
+        for response in stream_generate(model, tokenizer, prompt, prompt_cache=cache): ...
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from topkphi.backends.base import Backend
+from topkphi.config import Config
+
+
+class TopKPhiKVCache(KVCache):
+    """mlx-lm's ``KVCache`` (same keys/values/offset format) plus topkphi's summary."""
+
+    def __init__(self, cfg: Config, backend: Backend) -> None:
+        super().__init__()
+        self.cfg, self.backend = cfg, backend
+        self.summary = None
+        self.steps = 0
+        self.rho_sum: mx.array | float = 0.0
+        self.read_sum: mx.array | float = 0.0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        keys, values = super().update_and_fetch(keys, values)
+        if self.summary is None:
+            self.summary = self.backend.build_summary(keys, values, self.cfg)
+        else:
+            self.summary = self.backend.append(self.summary, keys, values, self.cfg)
+        return keys, values
+
+    def trim(self, n: int) -> int:
+        trimmed = super().trim(n)
+        if trimmed:
+            self.summary = None  # rebuilt from the cache at the next update
+        return trimmed
+
+    def decode(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+        """One decode step, ``queries [B,Hq,1,d]`` -> ``[B,Hq,1,dv]``."""
+        expected = self.cfg.tau(queries.shape[-1])
+        if abs(expected - scale) > 1e-6 * scale:
+            raise ValueError(f"the cache's summary uses scale {expected:g}, the model attends with {scale:g}: "
+                             "pass scale= to make_cache")
+        out, stats = self.backend.decode(queries[:, :, 0], keys, values, self.summary, self.cfg)
+        self.steps += 1
+        self.rho_sum = self.rho_sum + stats.rho.astype(mx.float32).mean()
+        self.read_sum = self.read_sum + stats.token_equivalents.astype(mx.float32).mean() / stats.n_tokens
+        return out[:, :, None]
+
+
+
+def attention_scale(model) -> float | None:
+    """The score scale of the model's attention modules (mlx-lm stores it as ``scale``)."""
+    for m in model.modules():
+        if hasattr(m, "scale") and hasattr(m, "n_kv_heads"):
+            return float(m.scale)
+    return None
+
+
+def make_cache(model, cfg: Config, backend: Backend, scale: float | None = None) -> list[TopKPhiKVCache]:
+    """One ``TopKPhiKVCache`` per layer; refuses models whose default cache is not a plain ``KVCache``."""
+    if hasattr(model, "make_cache"):
+        kinds = {type(c).__name__ for c in model.make_cache()}
+        if kinds != {"KVCache"}:
+            raise ValueError(f"topkphi supports full-attention KV caches only; this model uses {sorted(kinds)}")
+    scale = attention_scale(model) if scale is None else scale
+    if scale is not None:
+        cfg = cfg.replace(scale=float(scale))
+    return [TopKPhiKVCache(cfg, backend) for _ in model.layers]
+
+
+def cache_totals(cache: list) -> tuple[float, float]:
+    """``(mean rho, mean fraction of the KV read)`` over all decode steps of all layers."""
+    layers = [c for c in cache if isinstance(c, TopKPhiKVCache) and c.steps]
+    if not layers:
+        return 0.0, 1.0
+    steps = sum(c.steps for c in layers)
+    rho = sum(float(c.rho_sum) for c in layers) / steps
+    read = sum(float(c.read_sum) for c in layers) / steps
+    return rho, read
+
+
+def _routed(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if isinstance(cache, TopKPhiKVCache) and queries.shape[2] == 1 and mask is None and sinks is None:
+            if hasattr(cache, "bits"):
+                raise ValueError("topkphi does not support quantized KV caches")
+            return cache.decode(queries, keys, values, scale)
+        return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+    scaled_dot_product_attention.topkphi_original = original
+    return scaled_dot_product_attention
+
+
+@contextmanager
+def topkphi_attention(model) -> Iterator[None]:
+    """Route decode steps of ``model``'s attention through topkphi inside the block."""
+    modules = {type(m).__module__ for m in model.modules()} | {type(model).__module__}
+    patched = []
+    for name in sorted(modules):
+        module = sys.modules.get(name)
+        fn = getattr(module, "scaled_dot_product_attention", None)
+        if fn is None or hasattr(fn, "topkphi_original"):
+            continue
+        module.scaled_dot_product_attention = _routed(fn)
+        patched.append((module, fn))
+    if not patched:
+        raise ValueError(f"{type(model).__name__} does not call mlx-lm's scaled_dot_product_attention")
+    try:
+        yield
+    finally:
+        for module, fn in patched:
+            module.scaled_dot_product_attention = fn
