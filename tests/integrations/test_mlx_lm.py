@@ -67,7 +67,8 @@ def test_decode_steps_match_the_oracle(model, prompt):
 
     def spy(self, queries, keys, values, scale):
         out = original(self, queries, keys, values, scale)
-        as64 = [np.array(x.astype(mx.float32), dtype=np.float64) for x in (queries[:, :, 0], keys, values, out[:, :, 0])]
+        arrays = (queries[:, :, 0], keys, values, out[:, :, 0])
+        as64 = [np.array(x.astype(mx.float32), dtype=np.float64) for x in arrays]
         seen.append((*as64, self.cfg))
         return out
 

@@ -63,8 +63,11 @@ def resolve_runtime(name: str) -> Runtime:
         else:
             raise click.UsageError('no runtime is installed: pip install "topkphi[mlx]" or "topkphi[torch]"')
     if name not in usable:
-        why = {"cuda": "no CUDA GPU with torch here", "mlx": 'mlx and mlx-lm are not installed (pip install "topkphi[mlx]")',
-               "cpu": 'torch and transformers are not installed (pip install "topkphi[torch]")'}[name]
+        why = {
+            "cuda": "no CUDA GPU with torch here",
+            "mlx": 'mlx and mlx-lm are not installed (pip install "topkphi[mlx]")',
+            "cpu": 'torch and transformers are not installed (pip install "topkphi[torch]")',
+        }[name]
         raise click.UsageError(f"--backend {name} is not available: {why}; available: {', '.join(usable) or 'none'}")
     if name == "cuda":
         return Runtime("torch", "cuda", "triton" if _has("triton") else "torch")

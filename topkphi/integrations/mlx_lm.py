@@ -10,7 +10,6 @@ global in each module the loaded model uses, and puts the original back on exit.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +17,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from topkphi.backends.base import Backend
+from topkphi.capture import patch_attention
 from topkphi.config import Config
 
 
@@ -99,26 +99,11 @@ def _routed(original):
             return cache.decode(queries, keys, values, scale)
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
-    scaled_dot_product_attention.topkphi_original = original
     return scaled_dot_product_attention
 
 
 @contextmanager
 def topkphi_attention(model) -> Iterator[None]:
     """Route decode steps of ``model``'s attention through topkphi inside the block."""
-    modules = {type(m).__module__ for m in model.modules()} | {type(model).__module__}
-    patched = []
-    for name in sorted(modules):
-        module = sys.modules.get(name)
-        fn = getattr(module, "scaled_dot_product_attention", None)
-        if fn is None or hasattr(fn, "topkphi_original"):
-            continue
-        module.scaled_dot_product_attention = _routed(fn)
-        patched.append((module, fn))
-    if not patched:
-        raise ValueError(f"{type(model).__name__} does not call mlx-lm's scaled_dot_product_attention")
-    try:
+    with patch_attention(model, _routed):
         yield
-    finally:
-        for module, fn in patched:
-            module.scaled_dot_product_attention = fn
