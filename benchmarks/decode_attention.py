@@ -1,0 +1,132 @@
+"""One decode step of attention at Llama-3-8B shapes: dense SDPA vs Top-K only vs Top-K + phi.
+
+    python benchmarks/decode_attention.py            # on a CUDA GPU
+    python benchmarks/decode_attention.py --n 4096 16384 --top-k 256 --reps 20
+
+B=1, Hq=32, Hkv=8, d=128, bf16. The topkphi step is the whole thing: selection (exact scoring or
+page bounds + topk) and the fused Triton decode, timed eagerly and as a replayed CUDA graph (how
+serving engines run decode steps). Bytes are what each method must read from HBM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import topkphi
+from topkphi.regions import Regions, n_selected_pages, page_span
+
+
+def median_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def graphed(fn):
+    """Capture ``fn`` in a CUDA graph; return its replay (None if it cannot be captured)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # report, do not hide: the eager number still stands
+        print(f"  graph capture failed: {type(err).__name__}: {str(err).splitlines()[0]}", file=sys.stderr)
+        return None
+    return graph.replay
+
+
+def hbm_copy_gbs() -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), 20)
+    return 2 * x.numel() * 2 / ms / 1e6
+
+
+def step_bytes(cfg: topkphi.Config, n_tokens: int, n_kv: int, d: int, elem: int) -> int:
+    """HBM bytes of one step: exact tokens, the summary, and what selection reads."""
+    regions = Regions.of(n_tokens, cfg.n_sink, cfg.n_tail)
+    first, n_pages = page_span(regions.mid_start, regions.mid_end, cfg.page_size)
+    if cfg.selection == "exact":
+        n_sel, select = min(cfg.top_k, regions.n_mid), regions.n_mid * d * elem
+    else:
+        n_take = n_selected_pages(cfg.top_k, cfg.page_size, n_pages)
+        n_sel, select = n_take * cfg.page_size, 2 * n_pages * d * elem
+    exact = (regions.n_anchor + n_sel) * 2 * d * elem
+    summary = cfg.n_features * (d + 1) * 4 if cfg.completion else 0
+    return n_kv * (exact + summary + select)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 32768, 131072, 524288])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--selection", nargs="+", default=["exact", "page"])
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--backend", default="triton")
+    args = parser.parse_args()
+    B, Hq, Hkv, d, elem = 1, 32, 8, 128, 2
+    be = topkphi.get_backend(args.backend)
+    copy_gbs = hbm_copy_gbs()
+    print(f"{torch.cuda.get_device_name()}  HBM copy {copy_gbs:.0f} GB/s  backend {args.backend}", flush=True)
+    header = (f"{'N':>7s} {'method':>12s} {'sel':>5s} {'top_k':>5s} {'eager ms':>9s} {'graph ms':>9s} "
+              f"{'MB read':>8s} {'GB/s':>6s} {'x dense':>7s}")
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n in args.n:
+        k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = torch.randn(B, Hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        dense = functools.partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=True)
+        dense_ms = median_ms(dense, args.reps)
+        dense_bytes = 2 * B * Hkv * n * d * elem
+        rows.append((n, "dense", "-", "-", dense_ms, None, dense_bytes, dense_ms))
+        print(f"{n:>7d} {'dense sdpa':>12s} {'-':>5s} {'-':>5s} {dense_ms:9.4f} {'-':>9s} {dense_bytes / 1e6:8.1f} "
+              f"{dense_bytes / dense_ms / 1e6:6.0f} {1.0:7.2f}", flush=True)
+        for selection in args.selection:
+            for top_k in args.top_k:
+                for feature_map in (None, "prf"):
+                    cfg = topkphi.Config(n_sink=4, n_tail=64, top_k=top_k, selection=selection, page_size=16,
+                                         feature_map=feature_map, n_features=64)
+                    summary = be.build_summary(k, v, cfg)
+                    step = functools.partial(be.decode, q, k, v, summary, cfg)
+                    eager = median_ms(step, args.reps)
+                    replay = graphed(step)
+                    graph = median_ms(replay, args.reps) if replay else None
+                    best = min(eager, graph) if graph else eager
+                    nbytes = step_bytes(cfg, n, Hkv, d, elem)
+                    method = "topk+phi" if feature_map else "topk only"
+                    rows.append((n, method, selection, top_k, eager, graph, nbytes, dense_ms))
+                    print(f"{n:>7d} {method:>12s} {selection:>5s} {top_k:>5d} {eager:9.4f} "
+                          f"{'-' if graph is None else f'{graph:9.4f}':>9s} {nbytes / 1e6:8.2f} "
+                          f"{nbytes / best / 1e6:6.0f} {dense_ms / best:7.2f}", flush=True)
+    print("\n" + header)
+    for n, method, sel, top_k, eager, graph, nbytes, dense_ms in rows:
+        best = eager if graph is None else min(eager, graph)
+        print(f"{n:>7d} {method:>12s} {sel:>5s} {top_k!s:>5s} {eager:9.4f} "
+              f"{'-' if graph is None else f'{graph:9.4f}':>9s} {nbytes / 1e6:8.2f} {nbytes / best / 1e6:6.0f} "
+              f"{dense_ms / best:7.2f}")
+    print(f"HBM copy {copy_gbs:.0f} GB/s; ms are medians of {args.reps} CUDA-event timings after warm-up")
+    print("command: python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
