@@ -1,0 +1,1 @@
+"""Kernel sources (Triton); each file imports only its kernel language, never torch or model code."""
