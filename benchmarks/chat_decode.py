@@ -13,20 +13,10 @@ import sys
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from random_model import SHAPES, build
 
 import topkphi
 from topkphi.generation.torch_engine import TorchEngine
-
-SHAPES = {
-    # Llama-3.2-1B and Llama-3-8B attention/MLP shapes
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=64, vocab_size=128256),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=128256),
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                 num_key_value_heads=2, head_dim=32, vocab_size=1024),
-}
 
 
 class NullTokenizer:
@@ -46,11 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = LlamaConfig(max_position_embeddings=max(131072, args.context + args.new_tokens), rope_theta=500000.0,
-                         **SHAPES[args.shape])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+    model = build(args.shape, device, dtype, max_positions=max(131072, args.context + args.new_tokens))
+    config = model.config
     prompt = torch.randint(0, config.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     methods = [("dense", None)]
