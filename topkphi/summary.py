@@ -6,7 +6,10 @@ Arrays are the backend's own type; this module only says what they hold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from topkphi.config import Config
 
 
 @dataclass
@@ -35,3 +38,15 @@ class Summary:
     @property
     def n_pages(self) -> int:
         return 0 if self.kmin is None else int(self.kmin.shape[2])
+
+
+def check_compatible(summary: Summary, cfg: Config, n_tokens: int | None = None) -> None:
+    """Refuse a summary made for another config, or (with ``n_tokens``) for another cache length."""
+    if n_tokens is not None and summary.n_tokens != n_tokens:
+        raise ValueError(f"summary describes {summary.n_tokens} tokens, the cache has {n_tokens}: call append")
+    if summary.mid_start != cfg.n_sink:
+        raise ValueError(f"summary was built with n_sink={summary.mid_start}, the config says {cfg.n_sink}")
+    if cfg.completion and summary.s is None:
+        raise ValueError("summary was built without a feature map; rebuild it with this config")
+    if cfg.selection == "page" and summary.kmin is None:
+        raise ValueError("summary has no page metadata; rebuild it with selection='page'")

@@ -27,7 +27,7 @@ from topkphi.config import Config, check_shapes
 from topkphi.feature_maps import FeatureMap
 from topkphi.reads import read_counts
 from topkphi.regions import Regions, n_selected_pages, n_selected_tokens
-from topkphi.summary import Summary
+from topkphi.summary import Summary, check_compatible
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -78,14 +78,6 @@ def _state(x: Any) -> Any:
     return mx.array(np.asarray(x, dtype=np.float32)) if not isinstance(x, mx.array) else x.astype(mx.float32)
 
 
-def _check_summary(summary: Summary, cfg: Config) -> None:
-    if summary.mid_start != cfg.n_sink:
-        raise ValueError(f"summary was built with n_sink={summary.mid_start}, the config says {cfg.n_sink}")
-    if cfg.completion and summary.s is None:
-        raise ValueError("summary was built without a feature map; rebuild it with this config")
-    if cfg.selection == "page" and summary.kmin is None:
-        raise ValueError("summary has no page metadata; rebuild it with selection='page'")
-
 
 class MLXBackend:
     """SPEC sections 2-6 in MLX: float32 accumulation, vectorized over batch, KV heads and groups."""
@@ -131,7 +123,7 @@ class MLXBackend:
         n_tokens = k.shape[2]
         if n_tokens < summary.n_tokens:
             raise ValueError(f"the cache shrank from {summary.n_tokens} to {n_tokens} tokens: build a new summary")
-        _check_summary(summary, cfg)
+        check_compatible(summary, cfg)
         lo, hi = summary.mid_end, max(cfg.n_sink, n_tokens - cfg.n_tail)
         out = replace(summary, n_tokens=n_tokens, mid_end=max(hi, lo))
         if hi <= lo:
@@ -189,9 +181,7 @@ class MLXBackend:
         q, k, v = _as_mx(q, "q"), _as_mx(k, "k"), _as_mx(v, "v")
         dims = check_shapes(q, k, v)
         batch, n_q, n_kv, n_tokens, d, dv = dims
-        if summary.n_tokens != n_tokens:
-            raise ValueError(f"summary describes {summary.n_tokens} tokens, the cache has {n_tokens}: call append")
-        _check_summary(summary, cfg)
+        check_compatible(summary, cfg, n_tokens)
         fmap = cfg.feature_map_for(d)
         if fmap is not None:
             fmap.check_heads(n_kv)

@@ -32,7 +32,7 @@ from topkphi.config import Config, check_shapes
 from topkphi.feature_maps import FeatureMap
 from topkphi.reads import read_counts
 from topkphi.regions import Regions, n_selected_pages, n_selected_tokens, page_span
-from topkphi.summary import Summary
+from topkphi.summary import Summary, check_compatible
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FOLD_ELEMENTS = 1 << 24  # features materialized per fold chunk (taylor2 has m = 1 + d + d^2)
@@ -76,7 +76,7 @@ class TorchBackend:
         n_tokens = k.shape[2]
         if n_tokens < summary.n_tokens:
             raise ValueError(f"the cache shrank from {summary.n_tokens} to {n_tokens} tokens: build a new summary")
-        _check_summary(summary, cfg)
+        check_compatible(summary, cfg)
         lo, hi = summary.mid_end, max(cfg.n_sink, n_tokens - cfg.n_tail)
         out = replace(summary, n_tokens=n_tokens, mid_end=hi)
         if hi <= lo:
@@ -102,9 +102,7 @@ class TorchBackend:
         """Attention of ``q [B,Hq,d]`` over the cache: exact on sink+tail+Top-K, phi completion for the rest."""
         dims = _check_inputs(q, k, v)
         batch, n_q, n_kv, n_tokens, d, dv = dims
-        if summary.n_tokens != n_tokens:
-            raise ValueError(f"summary describes {summary.n_tokens} tokens, the cache has {n_tokens}: call append")
-        _check_summary(summary, cfg)
+        check_compatible(summary, cfg, n_tokens)
         fmap = cfg.feature_map_for(d)
         if fmap is not None:
             fmap.check_heads(n_kv)
@@ -227,14 +225,6 @@ def _check_inputs(q, k, v):
         raise ValueError(f"q, k, v live on different devices: {sorted(map(str, devices))}")
     return check_shapes(q, k, v)
 
-
-def _check_summary(summary: Summary, cfg: Config) -> None:
-    if summary.mid_start != cfg.n_sink:
-        raise ValueError(f"summary was built with n_sink={summary.mid_start}, the config says {cfg.n_sink}")
-    if cfg.completion and summary.s is None:
-        raise ValueError("summary was built without a feature map; rebuild it with this config")
-    if cfg.selection == "page" and summary.kmin is None:
-        raise ValueError("summary has no page metadata; rebuild it with selection='page'")
 
 
 def _update_pages(summary: Summary, k: torch.Tensor, lo: int, hi: int, page_size: int):

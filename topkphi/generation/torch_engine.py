@@ -9,7 +9,8 @@ import torch
 
 from topkphi.backends.base import Backend
 from topkphi.config import Config
-from topkphi.generation.stats import GenerationStats, common_prefix
+from topkphi.generation.base import Engine
+from topkphi.generation.stats import GenerationStats
 from topkphi.integrations.hf import TopKPhiCache, topkphi_attention
 
 
@@ -25,19 +26,13 @@ def sample(logits: torch.Tensor, temp: float, top_p: float, generator: torch.Gen
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class TorchEngine:
-    """``cfg=None`` decodes densely (the baseline); otherwise topkphi with ``backend``."""
+class TorchEngine(Engine):
+    """An HF transformers model; ``cfg=None`` decodes densely, otherwise through topkphi."""
 
     def __init__(self, model, tokenizer, cfg: Config | None, backend: Backend | None) -> None:
-        self.model, self.tokenizer, self.cfg, self.backend = model, tokenizer, cfg, backend
+        super().__init__(model, tokenizer, cfg, backend)
         self.device = next(model.parameters()).device
         self.eos = _eos_ids(model, tokenizer)
-        self.cache = None
-        self.tokens: list[int] = []
-        self.stats = GenerationStats()
-
-    def reset(self) -> None:
-        self.cache, self.tokens = None, []
 
     def _new_cache(self):
         from transformers import DynamicCache
@@ -45,6 +40,16 @@ class TorchEngine:
         if self.cfg is None:
             return DynamicCache(config=self.model.config)
         return TopKPhiCache(self.model, self.cfg, self.backend)
+
+    def _cached_length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def _crop(self, n: int) -> None:
+        for layer in self.cache.layers:
+            layer.crop(-n)
+
+    def _route(self):
+        return topkphi_attention(self.model)
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         input_ids = torch.tensor([ids], device=self.device)
@@ -59,7 +64,7 @@ class TorchEngine:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.inference_mode(), _routing(self.model, self.cfg):
+        with torch.inference_mode(), self.routing():
             new = self._reuse_cache(prompt)
             start = time.perf_counter()
             logits = self._forward(new)
@@ -87,33 +92,6 @@ class TorchEngine:
             self.tokens = prompt + reply
             if self.cfg is not None:
                 self.stats.rho, self.stats.read_fraction = self.cache.totals.means()
-
-    def _reuse_cache(self, prompt: list[int]) -> list[int]:
-        """Keep the cached prefix shared with ``prompt``; return the tokens still to run."""
-        cached = 0 if self.cache is None else self.cache.get_seq_length()
-        keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1, cached)
-        if keep == 0:
-            self.cache = self._new_cache()
-        elif keep < cached:
-            for layer in self.cache.layers:
-                layer.crop(keep - cached)
-        self.tokens = prompt[:keep]
-        return prompt[keep:]
-
-    def generate(self, prompt: list[int], max_tokens: int = 32) -> list[int]:
-        """Greedy token ids (for tests and evaluation)."""
-        self.reset()
-        for _ in self.stream(prompt, max_tokens=max_tokens):
-            pass
-        return self.tokens[len(prompt):]
-
-
-def _routing(model, cfg):
-    if cfg is None:
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return topkphi_attention(model)
 
 
 def _sync(device: torch.device) -> None:
