@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "chat": ("topkphi.commands.chat", "chat", "Chat with a model through topkphi (or --dense)."),
     "backends": ("topkphi.commands.backends", "backends", "List the backends and whether each runs here."),
     "demo": ("topkphi.commands.demo", "demo", "Top-K only vs Top-K + phi against dense, on random KV."),
+    "inspect-heads": ("topkphi.commands.inspect_heads", "inspect_heads", "Per-head entropy, dropped mass, phi gain."),
 }
 
 

@@ -1,0 +1,1 @@
+"""Analyses of a model's attention on captured q/k/v: pure NumPy, no framework import."""

@@ -1,0 +1,201 @@
+"""`topkphi inspect-heads`: per layer and head, how diffuse attention is and whether phi pays off."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from topkphi.commands.errors import user_errors
+from topkphi.commands.runtime import RUNTIMES, resolve_runtime
+
+MIN_MID = 4  # mid tokens the earliest inspected step needs for there to be anything to inspect
+
+
+def read_prompt(prompt_file: str | None, text: str | None) -> str:
+    if (prompt_file is None) == (text is None):
+        raise ValueError("give exactly one of --prompt-file or --text")
+    if text is not None:
+        return text
+    if prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise ValueError(f"no such prompt file: {prompt_file}")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def check_length(n_tokens: int, n_sink: int, n_tail: int, n_queries: int) -> None:
+    """The earliest inspected step must have a mid region; a budget that covers it is fine (exact attention)."""
+    needed = n_sink + n_tail + MIN_MID + n_queries - 1
+    if n_tokens < needed:
+        raise ValueError(
+            f"the prompt has {n_tokens} tokens: with --n-sink {n_sink}, --n-tail {n_tail} and --n-queries "
+            f"{n_queries} nothing is left to inspect; it needs at least {needed} (a longer prompt or smaller --n-tail)"
+        )
+
+
+def capture_prompt(model: str, backend: str, text: str, n_sink: int, n_tail: int, n_queries: int):
+    """``(layers, n_tokens, runtime)``: every attention layer's q/k/v on the prompt."""
+    runtime = resolve_runtime(backend)
+    if runtime.framework == "torch":
+        import torch
+
+        from topkphi.capture import capture_torch
+        from topkphi.models.resolve import load_torch_model
+
+        net, tokenizer = load_torch_model(model, device=runtime.device)
+        ids = list(tokenizer.encode(text))
+        check_length(len(ids), n_sink, n_tail, n_queries)
+        return capture_torch(net, torch.tensor([ids], device=runtime.device), n_queries), len(ids), runtime
+    import mlx.core as mx
+
+    from topkphi.capture import capture_mlx
+    from topkphi.models.resolve import load_mlx_model
+
+    net, tokenizer = load_mlx_model(model)
+    ids = list(tokenizer.encode(text))
+    check_length(len(ids), n_sink, n_tail, n_queries)
+    return capture_mlx(net, mx.array([ids]), n_queries), len(ids), runtime
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  show_edge=False)
+    for column in ("L:q/kv", "H/logN", "dropped", "rho", "mid err", "err K", "err phi", "gain", "top_k*"):
+        table.add_column(column, justify="right", no_wrap=True)
+    ordered = sorted(rows, key=lambda r: -r.entropy)
+    shown = ordered if max_rows <= 0 else ordered[:max_rows]
+    for r in shown:
+        style = "green" if r.phi_gain > 0 else "red" if r.phi_gain < 0 else "dim"
+        table.add_row(f"{r.layer}:{r.q_head}/{r.kv_head}", f"{r.entropy:.3f}", f"{r.dropped_mass:.3f}",
+                      f"{r.rho:.3f}", _fmt(r.mid_mass_error, ".2f"), f"{r.err_top_k:.1e}", f"{r.err_phi:.1e}",
+                      f"[{style}]{r.phi_gain:+.2f}[/]", f"{r.suggested_top_k}/{r.suggested_top_k_kv}")
+    if len(shown) < len(rows):
+        table.caption = f"{len(rows) - len(shown)} lower-entropy heads not shown (--rows 0 shows all; --json/--csv)"
+    console.print(table)
+    s = summary
+    console.print(
+        "[dim]L:q/kv: layer, query head / KV head; dropped: dense mass outside sink + tail + Top-K; "
+        "rho: phi's estimate of it; mid err: |estimated / "
+        "true unretrieved mass - 1|; err: rel. output error vs dense (K: Top-K only at matched reads); gain: "
+        "(err K - err phi) / max; top_k*: budget keeping dropped <= the limit (query head / its KV head)[/]"
+    )
+    console.print(
+        f"{s['n_heads']} heads; {s['share_high_entropy']:.0%} have H/logN > {s['high_entropy_threshold']}. "
+        f"phi helps in [green]{s['phi_helps']}[/], hurts in [red]{s['phi_hurts']}[/], "
+        f"neutral in {s['phi_neutral']}. Mean gain: high-entropy heads {_fmt(s['mean_gain_high_entropy'], '+.2f')}, "
+        f"low-entropy {_fmt(s['mean_gain_low_entropy'], '+.2f')}; corr(entropy, gain) = "
+        f"{_fmt(s['entropy_gain_correlation'], '+.2f')}.\n"
+        f"Mean rel. error vs dense: Top-K only {s['mean_err_top_k']:.2e}, Top-K + phi {s['mean_err_phi']:.2e}. "
+        f"Largest per-KV-head budget for the dropped-mass limit: top_k = {s['max_suggested_top_k']}."
+    )
+
+
+def _clean(x):
+    """NaN/Inf become null, so the JSON is strict."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+@click.command("inspect-heads")
+@click.option("--model", "-m", default="smollm2-135m", show_default=True,
+              help="Alias, local HF folder, .gguf file or hub id.")
+@click.option("--prompt-file", default=None, help="Text file to run ('-' reads stdin).")
+@click.option("--text", default=None, help="The prompt itself.")
+@click.option("--backend", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+              help="auto: CUDA if present, else MLX on Metal, else torch on the CPU, else MLX on the CPU.")
+@click.option("--top-k", type=int, default=256, show_default=True, help="Retrieved mid tokens per KV head.")
+@click.option("--n-sink", type=int, default=4, show_default=True, help="First tokens always read exactly.")
+@click.option("--n-tail", type=int, default=64, show_default=True, help="Last tokens always read exactly.")
+@click.option("--selection", type=click.Choice(["exact", "page"]), default="page", show_default=True,
+              help="How Top-K is found: scoring every key, or Quest-style page bounds.")
+@click.option("--page-size", type=int, default=16, show_default=True)
+@click.option("--feature-map", type=click.Choice(["prf", "taylor2"]), default="prf", show_default=True,
+              help="The completion compared with Top-K only.")
+@click.option("--n-features", type=int, default=64, show_default=True, help="Feature-map size m.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random features.")
+@click.option("--n-queries", type=int, default=8, show_default=True,
+              help="Decode steps inspected: the last positions of the prompt.")
+@click.option("--max-dropped-mass", type=float, default=0.05, show_default=True,
+              help="Dense mass a head may lose; sets the suggested per-head top_k.")
+@click.option("--rows", "max_rows", type=int, default=40, show_default=True,
+              help="Heads shown in the table, highest entropy first (0: all).")
+@click.option("--json", "json_out", default=None, help="Write the full report as JSON here ('-': stdout, no table).")
+@click.option("--csv", "csv_out", default=None, help="Write one row per head as CSV here.")
+@click.option("--plot", "plot_out", default=None, help="Write PNG heatmaps (layers x heads) of entropy and phi gain.")
+@user_errors
+def inspect_heads(model, prompt_file, text, backend, top_k, n_sink, n_tail, selection, page_size, feature_map,
+                  n_features, seed, n_queries, max_dropped_mass, max_rows, json_out, csv_out, plot_out) -> None:
+    """Per layer and head: attention entropy, mass kept by sink + tail + Top-K, and Top-K only vs Top-K + phi."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import topkphi
+    from topkphi.analysis.heads import inspect_layer, summarize
+
+    if n_queries < 1:
+        raise ValueError("--n-queries must be >= 1")
+    if not 0.0 <= max_dropped_mass < 1.0:
+        raise ValueError("--max-dropped-mass must be in [0, 1)")
+    cfg = topkphi.Config(n_sink=n_sink, n_tail=n_tail, top_k=top_k, selection=selection, page_size=page_size,
+                         feature_map=feature_map, n_features=n_features, seed=seed)
+    prompt = read_prompt(prompt_file, text)
+    err = Console(stderr=True, highlight=False)
+    with err.status(f"running {model} on the prompt"):
+        layers, n_tokens, runtime = capture_prompt(model, backend, prompt, n_sink, n_tail, n_queries)
+    positions = list(range(n_tokens - n_queries, n_tokens))
+    rows = []
+    columns = (TextColumn("[dim]layers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        for layer, capture in enumerate(progress.track(layers, description="layers")):
+            rows.extend(inspect_layer(capture, layer, positions, cfg, max_dropped_mass))
+    summary = summarize(rows)
+    d, dv = layers[0].k.shape[-1], layers[0].v.shape[-1]
+    report = {
+        "model": model,
+        "runtime": {"framework": runtime.framework, "device": runtime.device},
+        "n_tokens": n_tokens,
+        "positions": positions,
+        "config": {"n_sink": n_sink, "n_tail": n_tail, "top_k": top_k,
+                   "top_k_matched": topkphi.matched_top_k(cfg, d, dv), "selection": selection,
+                   "page_size": page_size, "feature_map": feature_map, "n_features": n_features, "seed": seed},
+        "max_dropped_mass": max_dropped_mass,
+        "summary": summary,
+        "heads": [r.as_dict() for r in rows],
+    }
+    report = _clean(report)
+    if json_out == "-":
+        click.echo(json.dumps(report, indent=2))
+    else:
+        if json_out:
+            Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        title = (f"{model} on {runtime.device}: N={n_tokens}, last {n_queries} positions; sink {n_sink} + tail "
+                 f"{n_tail} + top-k {top_k} ({selection}) + {feature_map} vs top-k "
+                 f"{report['config']['top_k_matched']}; dropped-mass limit {max_dropped_mass}")
+        print_table(Console(highlight=False), rows, summary, title, max_rows)
+    if csv_out:
+        with open(csv_out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(report["heads"][0]))
+            writer.writeheader()
+            writer.writerows(report["heads"])
+    if plot_out:
+        from topkphi.analysis.plots import plot_heads
+
+        plot_heads(rows, plot_out, title=f"{model}: N={n_tokens}, top-k {top_k}, {feature_map}")
