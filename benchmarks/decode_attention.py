@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 import torch
@@ -75,6 +76,42 @@ def step_bytes(cfg: topkphi.Config, n_tokens: int, n_kv: int, d: int, elem: int)
     return n_kv * (exact + summary + select)
 
 
+def graph_ms(fn, reps: int):
+    replay = graphed(fn)
+    return median_ms(replay, reps) if replay else None
+
+
+def page_stages(be, q, k, v, summary, cfg, reps: int):
+    """(before eager, before graph, after eager, after graph, bound, topk, select, attend, after graph with
+    a single torch.topk per row instead of the default two-stage one) in ms; stages are graph replays."""
+    from topkphi.backends.torch_ops import PhiTensors
+    from topkphi.backends.triton_backend import TritonBackend
+    from topkphi.backends.triton_select import page_bounds
+
+    old = TritonBackend(fast_select=False)
+    before = functools.partial(old.decode, q, k, v, summary, cfg)
+    after = functools.partial(be.decode, q, k, v, summary, cfg)
+    d = q.shape[-1]
+    tau = cfg.tau(d)
+    bound = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau)
+    u = bound()
+    n_take = n_selected_pages(cfg.top_k, cfg.page_size, summary.n_pages)
+    topk = functools.partial(torch.topk, u, n_take + 1, dim=-1, sorted=False)
+    select = functools.partial(be.select, q, k, summary, cfg)
+    reads = select()
+    phi = None
+    fmap = cfg.feature_map_for(d)
+    if fmap is not None:
+        kind, norm_coef, w_q, b_q, w_k, b_k = be._map_tensors(fmap, q.device)
+        phi = PhiTensors(kind, norm_coef, w_q, b_q, w_k, b_k, summary.s, summary.z, summary.c_max, None)
+    attend = functools.partial(be.attend, q, k, v, reads, phi, tau)
+    os.environ["TOPKPHI_TOPK_CHUNK"] = "0"  # read when the step is captured: one topk over each row
+    two_stage = graph_ms(after, reps)
+    del os.environ["TOPKPHI_TOPK_CHUNK"]
+    return (median_ms(before, reps), graph_ms(before, reps), median_ms(after, reps), graph_ms(after, reps),
+            graph_ms(bound, reps), graph_ms(topk, reps), graph_ms(select, reps), graph_ms(attend, reps), two_stage)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 32768, 131072, 524288])
@@ -82,6 +119,8 @@ def main() -> None:
     parser.add_argument("--selection", nargs="+", default=["exact", "page"])
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--backend", default="triton")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the per-stage page-selection table (before/after, select vs attend)")
     args = parser.parse_args()
     B, Hq, Hkv, d, elem = 1, 32, 8, 128, 2
     be = topkphi.get_backend(args.backend)
@@ -89,7 +128,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  HBM copy {copy_gbs:.0f} GB/s  backend {args.backend}", flush=True)
     header = (f"{'N':>7s} {'method':>12s} {'sel':>5s} {'top_k':>5s} {'eager ms':>9s} {'graph ms':>9s} "
               f"{'MB read':>8s} {'GB/s':>6s} {'x dense':>7s}")
-    rows = []
+    rows, stages = [], []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n in args.n:
         k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -115,6 +154,8 @@ def main() -> None:
                     nbytes = step_bytes(cfg, n, Hkv, d, elem)
                     method = "topk+phi" if feature_map else "topk only"
                     rows.append((n, method, selection, top_k, eager, graph, nbytes, dense_ms))
+                    if selection == "page" and args.backend == "triton" and not args.no_breakdown:
+                        stages.append((n, method, top_k, dense_ms, *page_stages(be, q, k, v, summary, cfg, args.reps)))
                     print(f"{n:>7d} {method:>12s} {selection:>5s} {top_k:>5d} {eager:9.4f} "
                           f"{'-' if graph is None else f'{graph:9.4f}':>9s} {nbytes / 1e6:8.2f} "
                           f"{nbytes / best / 1e6:6.0f} {dense_ms / best:7.2f}", flush=True)
@@ -124,6 +165,17 @@ def main() -> None:
         print(f"{n:>7d} {method:>12s} {sel:>5s} {top_k!s:>5s} {eager:9.4f} "
               f"{'-' if graph is None else f'{graph:9.4f}':>9s} {nbytes / 1e6:8.2f} {nbytes / best / 1e6:6.0f} "
               f"{dense_ms / best:7.2f}")
+    if stages:
+        print("\npage selection per stage, ms (g = CUDA-graph replay, e = eager); before = torch selection "
+              "(TritonBackend(fast_select=False)), after = Triton selection path")
+        print(f"{'N':>7s} {'method':>10s} {'top_k':>5s} {'before e':>9s} {'before g':>9s} {'after e':>8s} "
+              f"{'after g':>8s} {'bound g':>8s} {'topk g':>7s} {'select g':>8s} {'attend g':>8s} {'1stg g':>7s} "
+              f"{'x dense':>7s}")
+        for n, method, top_k, dense_ms, *t in stages:
+            f = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+            best = min(x for x in (t[2], t[3]) if x is not None)
+            print(f"{n:>7d} {method:>10s} {top_k:>5d} {f(t[0]):>9s} {f(t[1]):>9s} {f(t[2]):>8s} {f(t[3]):>8s} "
+                  f"{f(t[4]):>8s} {f(t[5]):>7s} {f(t[6]):>8s} {f(t[7]):>8s} {f(t[8]):>7s} {dense_ms / best:7.2f}")
     print(f"HBM copy {copy_gbs:.0f} GB/s; ms are medians of {args.reps} CUDA-event timings after warm-up")
     print("command: python " + " ".join(sys.argv))
 

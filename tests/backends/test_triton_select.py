@@ -1,0 +1,227 @@
+"""The Triton page-selection path: the bound kernel against float64, the backend's page selection
+against the oracle (separated scores, ties at the cut), and the read index against the torch twin.
+
+Runs under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py sets it without a GPU) and on the GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the triton backend needs torch")
+pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'topkphi[cuda]')")
+
+import topkphi  # noqa: E402
+from tests.cases import random_case  # noqa: E402
+from topkphi.backends.torch_backend import TorchBackend  # noqa: E402
+from topkphi.backends.triton_backend import TritonBackend  # noqa: E402
+from topkphi.backends.triton_select import PageReadSet, page_bounds  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ORACLE = topkphi.get_backend("numpy")
+TORCH = TorchBackend()
+
+
+def as64(x) -> np.ndarray:
+    return x.to(torch.float64).cpu().numpy()
+
+
+def bound_ref(q, kmin, kmax, tau):
+    """SPEC 3 in float64: ``u_p = max_h tau * sum_i max(q_hi kmin_pi, q_hi kmax_pi)``."""
+    batch, n_q, d = q.shape
+    n_kv = kmin.shape[1]
+    qg = q.reshape(batch, n_kv, n_q // n_kv, 1, d)
+    terms = np.maximum(qg * kmin[:, :, None], qg * kmax[:, :, None])  # [B,Hkv,G,P,d]
+    scale = tau * np.abs(terms).sum(-1).max(2)
+    return tau * terms.sum(-1).max(2), scale
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(
+    "batch,n_kv,group,d,n_pages",
+    [(1, 2, 4, 64, 37), (2, 1, 3, 48, 130), (1, 3, 1, 128, 1), (1, 2, 8, 32, 64), (2, 2, 2, 16, 200)],
+)
+def test_page_bounds_match_float64(batch, n_kv, group, d, n_pages, dtype):
+    gen = torch.Generator().manual_seed(batch * 1000 + n_pages * 7 + d)
+    q = torch.randn(batch, n_kv * group, d, generator=gen).to(DTYPES[dtype])
+    a = torch.randn(batch, n_kv, n_pages + 9, d, generator=gen)
+    b = torch.randn(batch, n_kv, n_pages + 9, d, generator=gen)
+    # prefix views of larger buffers, as the summary keeps them
+    kmin = torch.minimum(a, b).to(DTYPES[dtype])[:, :, :n_pages]
+    kmax = torch.maximum(a, b).to(DTYPES[dtype])[:, :, :n_pages]
+    tau = d**-0.5
+    u = page_bounds(q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), tau)
+    assert u.dtype == torch.float32 and u.shape == (batch, n_kv, n_pages)
+    ref, scale = bound_ref(as64(q), as64(kmin), as64(kmax), tau)
+    err = np.abs(as64(u) - ref)
+    assert np.all(err <= 1e-6 * scale + 1e-30), float((err / scale).max())
+
+
+def _selection_cases():
+    out = []
+    dtypes = ["float32", "float16", "bfloat16"]
+    shapes = [  # (n_tokens, n_kv, group, d, page_size, n_sink, n_tail, top_k)
+        (700, 2, 4, 64, 16, 4, 16, 64),  # partial first page (sink 4), partial last page
+        (517, 2, 3, 32, 8, 3, 7, 40),
+        (300, 4, 1, 16, 5, 3, 7, 17),  # page size not a power of two
+        (1024, 1, 8, 128, 16, 16, 64, 128),  # aligned mid: no partial page
+        (260, 2, 2, 32, 16, 4, 16, 15),  # K < P: one page
+    ]
+    for i, shape in enumerate(shapes):
+        for batch in (1, 2) if i < 2 else (1,):
+            for fm in (None, "prf"):
+                out.append((i * 10 + batch, shape, batch, fm, dtypes[(i + batch) % 3]))
+    return out
+
+
+def _margin(q64, kmin, kmax, tau, n_take) -> float:
+    u, _ = bound_ref(q64, kmin, kmax, tau)
+    ranked = -np.sort(-u, axis=-1)
+    return float(np.min((ranked[..., n_take - 1] - ranked[..., n_take]) / np.abs(ranked).max()))
+
+
+def _check_read_set(reads: PageReadSet, sel, n_sel, n_anchor_pos):
+    idx = reads.idx.cpu().numpy()
+    assert reads.idx.dtype == torch.int64
+    for b, g in np.ndindex(idx.shape[:2]):
+        np.testing.assert_array_equal(idx[b, g, : len(n_anchor_pos)], n_anchor_pos)
+        t = idx[b, g, len(n_anchor_pos) :]
+        n = int(n_sel[b, g])
+        assert np.all(np.diff(t[:n]) > 0) and np.all(t[:n] >= 0) and np.all(t[n:] == -1)
+        np.testing.assert_array_equal(t[:n], sel[b, g][sel[b, g] >= 0])
+
+
+@pytest.mark.parametrize("seed,shape,batch,feature_map,dtype", _selection_cases())
+def test_page_selection_equals_oracle(seed, shape, batch, feature_map, dtype):
+    n_tokens, n_kv, group, d, page, n_sink, n_tail, top_k = shape
+    case = random_case(seed, batch=batch, n_kv=n_kv, group=group, n_tokens=n_tokens, d=d, feature_map=feature_map,
+                       selection="page", page_size=page, n_sink=n_sink, n_tail=n_tail, top_k=top_k)
+    tdt = DTYPES[dtype]
+    q, k, v = (torch.from_numpy(x).to(DEVICE, tdt) for x in (case.q, case.k, case.v))
+    be = TritonBackend()
+    summary = be.build_summary(k, v, case.cfg)
+    n_take = max(1, top_k // page)
+    assert n_take < summary.n_pages
+    rounded = [as64(x) for x in (q, k, v)]
+    o_sum = ORACLE.build_summary(rounded[1], rounded[2], case.cfg)
+    if _margin(rounded[0], o_sum.kmin, o_sum.kmax, case.cfg.tau(d), n_take) < 1e-5:
+        pytest.skip("bounds at the cut too close to compare selections across precisions")
+    out, stats = be.decode(q, k, v, summary, case.cfg)
+    _, ref = ORACLE.decode(*rounded, o_sum, case.cfg)
+    selected = stats.selected.cpu().numpy()
+    for b, g in np.ndindex(selected.shape[:2]):
+        ours = selected[b, g]
+        n = int(stats.n_selected[b, g])
+        np.testing.assert_array_equal(ours[:n], ref.selected[b, g][ref.selected[b, g] >= 0])
+        assert np.all(ours[n:] == -1)
+    np.testing.assert_array_equal(stats.n_selected.cpu().numpy(), ref.n_selected)
+    np.testing.assert_array_equal(stats.tokens_read.cpu().numpy(), ref.tokens_read)
+    np.testing.assert_allclose(stats.token_equivalents.cpu().numpy(), ref.token_equivalents, rtol=1e-6)
+    assert torch.isfinite(out).all() and be.fast_select  # the Triton path ran, no fallback
+
+    # the same read index as the torch twin, anchors first
+    reads = be.select(q, k, summary, case.cfg)
+    assert isinstance(reads, PageReadSet)
+    twin = TORCH.select(q, k, summary, case.cfg)
+    assert torch.equal(reads.idx, twin.idx) and torch.equal(reads.n_read, twin.n_read)
+    assert torch.equal(reads.n_selected, twin.n_selected) and reads.n_anchor == twin.n_anchor
+    anchors = np.r_[np.arange(n_sink), np.arange(n_tokens - n_tail, n_tokens)]
+    _check_read_set(reads, ref.selected, ref.n_selected, anchors)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("mode", ["all-equal", "cut-in-a-run", "no-tie-at-cut"])
+def test_ties_at_the_cut_go_to_the_smaller_page(mode, dtype):
+    """Integer-valued inputs make the bounds exact in fp32 and float64, so ties are real ties."""
+    rng = np.random.default_rng(7)
+    batch, n_kv, group, d, page, n_tokens = 1, 2, 2, 16, 4, 4 + 160 + 8
+    q = rng.integers(-2, 3, size=(batch, n_kv * group, d)).astype(np.float64)
+    k = rng.integers(-1, 2, size=(batch, n_kv, n_tokens, d)).astype(np.float64)
+    if mode == "all-equal":  # every page has the same extrema: the first n_take pages win
+        k[:] = 0.0
+        k[:, :, 0::2] = 1.0
+        k[:, :, 1::2] = -1.0
+    elif mode == "cut-in-a-run":  # 3 clear winners, then a run of 20 tied pages around the cut
+        k = rng.integers(-1, 1, size=k.shape).astype(np.float64)  # in {-1, 0}: low bounds
+        hot = np.sign(q.reshape(batch, n_kv, group, d).sum(2))
+        for p in (30, 5, 17):  # clear winners (pages of 4 from token 4)
+            k[:, :, 4 + 4 * p] = 3 * hot
+        for p in range(8, 36, 1):
+            if p not in (17, 30):
+                k[:, :, 4 + 4 * p + 1] = hot
+    v = rng.standard_normal((batch, n_kv, n_tokens, d))
+    cfg = topkphi.Config(n_sink=4, n_tail=8, top_k=7 * page, selection="page", page_size=page, feature_map=None)
+    tdt = DTYPES[dtype]
+    tq, tk, tv = (torch.from_numpy(x).to(DEVICE, tdt) for x in (q, k, v))
+    be = TritonBackend()
+    summary = be.build_summary(tk, tv, cfg)
+    _, stats = be.decode(tq, tk, tv, summary, cfg)
+    _, ref = ORACLE.decode(q, k, v, ORACLE.build_summary(k, v, cfg), cfg)
+    ours = stats.selected.cpu().numpy()
+    for b, g in np.ndindex(ours.shape[:2]):
+        np.testing.assert_array_equal(ours[b, g], ref.selected[b, g])
+    twin = TORCH.select(tq, tk, summary, cfg)
+    assert torch.equal(be.select(tq, tk, summary, cfg).idx, twin.idx)
+    if mode == "all-equal":
+        np.testing.assert_array_equal(ours[0, 0], np.arange(4, 4 + 7 * page))
+
+
+def test_covering_budget_and_exact_selection_take_the_torch_path():
+    case = random_case(3, n_tokens=120, top_k=4096, selection="page", page_size=8, feature_map=None)
+    q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in (case.q, case.k, case.v))
+    be = TritonBackend()
+    summary = be.build_summary(k, v, case.cfg)
+    reads = be.select(q, k, summary, case.cfg)
+    assert not isinstance(reads, PageReadSet) and reads.covers_mid
+    _, stats = be.decode(q, k, v, summary, case.cfg)
+    assert int(stats.n_selected.min()) == 120 - 4 - 16
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_page_decode_replays_in_a_cuda_graph():
+    case = random_case(11, n_tokens=3000, n_kv=2, group=4, d=64, selection="page", page_size=16, top_k=256)
+    q, k, v = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (case.q, case.k, case.v))
+    be = TritonBackend()
+    summary = be.build_summary(k, v, case.cfg)
+    eager, stats = be.decode(q, k, v, summary, case.cfg)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        be.decode(q, k, v, summary, case.cfg)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, g_stats = be.decode(q, k, v, summary, case.cfg)
+    q.copy_(torch.flip(q, dims=[1]))
+    graph.replay()
+    ref, ref_stats = be.decode(q, k, v, summary, case.cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref) and torch.equal(g_stats.selected, ref_stats.selected)
+    assert be.fast_select
+
+
+@pytest.mark.parametrize("mode", ["random", "ties"])
+def test_two_stage_topk_selects_the_same_pages(mode):
+    """A row cut into chunks (per-chunk topk, then over the winners) gives the one-topk selection."""
+    from topkphi.backends.triton_select import page_read_set
+    from topkphi.regions import Regions
+
+    rng = np.random.default_rng(3)
+    n_tokens, page = 4 + 16 * 700 + 9, 16
+    q = rng.standard_normal((1, 4, 16))
+    k = rng.standard_normal((1, 2, n_tokens, 16))
+    if mode == "ties":
+        k = np.round(k)
+        k[:, :, 1000:3000] = np.sign(q.reshape(1, 2, 2, 16).sum(2))[:, :, None]  # a long run of tied pages
+    tk = torch.from_numpy(k).to(DEVICE, torch.float32)
+    tq = torch.from_numpy(q).to(DEVICE, torch.float32)
+    cfg = topkphi.Config(n_sink=4, n_tail=9, top_k=5 * page, selection="page", page_size=page, feature_map=None)
+    be = TritonBackend()
+    summary = be.build_summary(tk, tk, cfg)
+    regions = Regions.of(n_tokens, 4, 9)
+    one = page_read_set(tq, summary, cfg.tau(16), 5, page, regions, topk_chunk=0)
+    two = page_read_set(tq, summary, cfg.tau(16), 5, page, regions, topk_chunk=64)
+    assert torch.equal(one.idx, two.idx) and torch.equal(one.n_selected, two.n_selected)
+    assert torch.equal(one.idx, TORCH.select(tq, tk, summary, cfg).idx)

@@ -1,0 +1,116 @@
+"""Launchers of the page-selection kernels (``topkphi/kernels/triton_select.py``).
+
+``page_bounds`` is the Quest bound in one read of the metadata; ``page_read_set`` is the whole
+page selection of a decode step: bound kernel, ``torch.topk`` of ``n_take + 1`` candidates, and
+one kernel that breaks ties at the cut, sorts the pages and writes the read index and the step's
+counts. Four launches (the topk is a few internally), no host sync: it captures in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from topkphi.backends.torch_ops import ReadSet
+from topkphi.kernels.triton_select import page_bounds_kernel, read_index_kernel
+
+MAX_TILE = 1 << 15  # chosen pages x page size handled by one read-index program
+
+
+@dataclass
+class PageReadSet(ReadSet):
+    """A ``ReadSet`` plus what the fused decode and the step's stats take without extra kernels:
+    ``n_read32``/``n_anchor32 [B,Hkv]`` int32 and ``token_equivalents [B,Hkv]`` fp32."""
+
+    n_read32: torch.Tensor | None = None
+    n_anchor32: torch.Tensor | None = None
+    token_equivalents: torch.Tensor | None = None
+
+
+def _p2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: float, block_p: int = 64,
+                row: int | None = None):
+    """``u [B, Hkv, n_pages]`` fp32 (SPEC 3): ``q [B,Hq,d]``, ``kmin``/``kmax [B,Hkv,n_pages,d]``,
+    any float dtype and strides; query head h belongs to KV head ``h // (Hq // Hkv)``.
+    ``row >= n_pages`` pads each row to that length with -inf (returns ``[B, Hkv, row]``)."""
+    B, Hq, D = q.shape
+    Hkv, n_pages = kmin.shape[1], kmin.shape[2]
+    if Hq % Hkv or kmin.shape != kmax.shape or kmin.shape[0] != B or kmin.shape[3] != D:
+        raise ValueError(f"shapes q {tuple(q.shape)}, kmin {tuple(kmin.shape)}, kmax {tuple(kmax.shape)}")
+    row = n_pages if row is None else max(row, n_pages)
+    u = torch.empty(B, Hkv, row, dtype=torch.float32, device=q.device)
+    if row == 0 or B * Hkv == 0:
+        return u
+    bd = _p2(D, 16)
+    block_p = min(block_p, _p2(row, 16))
+    grid = (B * Hkv, triton.cdiv(row, block_p))
+    page_bounds_kernel[grid](
+        q, kmin, kmax, u, *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, n_pages, row, D, float(tau),
+        G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=bd, num_warps=8 if block_p * bd >= 8192 else 4,
+    )
+    return u
+
+
+def fits(n_take: int, page_size: int) -> bool:
+    """Whether ``page_read_set`` handles this budget in one program per head."""
+    return _p2(n_take + 1) * _p2(page_size) <= MAX_TILE
+
+
+def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, te_summary=0.0, te_selection=0.0,
+                  topk_chunk: int | None = None):
+    """Page selection of one step (SPEC 3) as a ``PageReadSet``; needs ``n_take < n_pages``.
+
+    ``regions``: ``topkphi.regions.Regions`` of the cache; ``te_summary``/``te_selection``: the
+    token-equivalents of the summary and of the metadata read (SPEC 6), added to ``n_read``.
+    ``topk_chunk``: pages per chunk of a two-stage topk (per chunk, then over the chunk winners;
+    used when a row holds at least 4 chunks and a chunk is larger than 4 * (n_take + 1));
+    None reads ``TOPKPHI_TOPK_CHUNK`` (default 2048; 0: always one ``torch.topk`` over the row).
+    On the H100 one ``torch.topk`` over 8 rows costs ~50 us at 8k-32k pages per row; the two-stage
+    form took 6-23 us off the 512k step (docs/BENCHMARKS.md).
+    """
+    kmin, kmax = summary.kmin, summary.kmax
+    B, Hkv, n_pages = kmin.shape[:3]
+    if not 0 < n_take < n_pages:
+        raise ValueError(f"page_read_set needs 0 < n_take < n_pages, got {n_take} of {n_pages}")
+    dev = q.device
+    if topk_chunk is None:
+        topk_chunk = int(os.environ.get("TOPKPHI_TOPK_CHUNK", "2048"))
+    n_cand = n_take + 1
+    two_stage = topk_chunk > 4 * n_cand and n_pages >= 4 * topk_chunk
+    if two_stage:
+        n_chunks = triton.cdiv(n_pages, topk_chunk)
+        u = page_bounds(q, kmin, kmax, tau, row=n_chunks * topk_chunk)
+        wins, first = torch.topk(u.view(B, Hkv, n_chunks, topk_chunk), n_cand, dim=-1, sorted=False)
+        first = first.reshape(B, Hkv, n_chunks * n_cand)
+        vals, cand = torch.topk(wins.reshape(B, Hkv, -1), n_cand, dim=-1, sorted=False)
+    else:
+        u = page_bounds(q, kmin, kmax, tau)
+        vals, cand = torch.topk(u, n_cand, dim=-1, sorted=False)
+        first = cand
+    vals, cand, first = vals.contiguous(), cand.contiguous(), first.contiguous()
+    n_anchor = regions.n_anchor
+    R = n_anchor + n_take * page_size
+    block_k = _p2(n_take + 1)
+    rows = B * Hkv
+    idx = torch.empty(B, Hkv, R, dtype=torch.int64, device=dev)
+    n_sel = torch.empty(B, Hkv, dtype=torch.int64, device=dev)
+    n_read = torch.empty_like(n_sel)
+    n_read32 = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+    n_anchor32 = torch.empty_like(n_read32)
+    te = torch.empty(B, Hkv, dtype=torch.float32, device=dev)
+    scratch = torch.empty(rows, block_k, dtype=torch.int32, device=dev)
+    read_index_kernel[(rows,)](
+        vals, cand, first, u, scratch, idx, n_sel, n_read, n_read32, n_anchor32, te,
+        n_pages, u.shape[-1], n_cand, first.shape[-1], max(1, topk_chunk), n_take, R, summary.first_page, page_size,
+        regions.sink_end, regions.mid_start, regions.mid_end, n_anchor,
+        float(te_summary), float(te_selection),
+        BLOCK_K=block_k, BLOCK_T=_p2(page_size), BLOCK_A=_p2(n_anchor), BLOCK_PAD=_p2(2 * page_size),
+        BLOCK_S=1024, TWO_STAGE=two_stage, num_warps=4,
+    )
+    return PageReadSet(idx, n_read, n_sel, n_anchor, False, n_read32, n_anchor32, te)
