@@ -50,3 +50,12 @@ def check_compatible(summary: Summary, cfg: Config, n_tokens: int | None = None)
         raise ValueError("summary was built without a feature map; rebuild it with this config")
     if cfg.selection == "page" and summary.kmin is None:
         raise ValueError("summary has no page metadata; rebuild it with selection='page'")
+
+
+def fold_range(summary: Summary, cfg: Config, n_tokens: int) -> tuple[int, int]:
+    """``[lo, hi)``: the positions that left the tail since ``summary`` was made (empty if none)."""
+    if n_tokens < summary.n_tokens:
+        raise ValueError(f"the cache shrank from {summary.n_tokens} to {n_tokens} tokens: build a new summary")
+    check_compatible(summary, cfg)
+    lo = summary.mid_end
+    return lo, max(lo, cfg.n_sink, n_tokens - cfg.n_tail)

@@ -27,7 +27,7 @@ from topkphi.config import Config, check_shapes
 from topkphi.feature_maps import FeatureMap
 from topkphi.reads import read_counts
 from topkphi.regions import Regions, n_selected_pages, n_selected_tokens
-from topkphi.summary import Summary, check_compatible
+from topkphi.summary import Summary, check_compatible, fold_range
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -121,12 +121,9 @@ class MLXBackend:
         k, v = _as_mx(k, "k"), _as_mx(v, "v")
         check_shapes(None, k, v)
         n_tokens = k.shape[2]
-        if n_tokens < summary.n_tokens:
-            raise ValueError(f"the cache shrank from {summary.n_tokens} to {n_tokens} tokens: build a new summary")
-        check_compatible(summary, cfg)
-        lo, hi = summary.mid_end, max(cfg.n_sink, n_tokens - cfg.n_tail)
-        out = replace(summary, n_tokens=n_tokens, mid_end=max(hi, lo))
-        if hi <= lo:
+        lo, hi = fold_range(summary, cfg, n_tokens)
+        out = replace(summary, n_tokens=n_tokens, mid_end=hi)
+        if hi == lo:
             return out
         d = k.shape[3]
         params = self.map_params(cfg.feature_map_for(d))

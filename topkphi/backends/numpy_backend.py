@@ -11,7 +11,7 @@ from topkphi.config import Config, check_shapes
 from topkphi.feature_maps import FeatureMap
 from topkphi.reads import read_counts
 from topkphi.regions import Regions, n_selected_pages, n_selected_tokens, page_span
-from topkphi.summary import Summary, check_compatible
+from topkphi.summary import Summary, check_compatible, fold_range
 
 
 def features(x: np.ndarray, fmap: FeatureMap, side: str, tau: float) -> tuple[np.ndarray, np.ndarray]:
@@ -56,12 +56,9 @@ class NumpyBackend:
     def append(self, summary: Summary, k, v, cfg: Config) -> Summary:
         check_shapes(None, k, v)
         n_tokens = k.shape[2]
-        if n_tokens < summary.n_tokens:
-            raise ValueError(f"the cache shrank from {summary.n_tokens} to {n_tokens} tokens: build a new summary")
-        check_compatible(summary, cfg)
-        lo, hi = summary.mid_end, max(cfg.n_sink, n_tokens - cfg.n_tail)
+        lo, hi = fold_range(summary, cfg, n_tokens)
         out = replace(summary, n_tokens=n_tokens, mid_end=hi)
-        if hi <= lo:
+        if hi == lo:
             return out
         k_new, v_new = _as64(k[:, :, lo:hi]), _as64(v[:, :, lo:hi])
         fmap = cfg.feature_map_for(k.shape[3])

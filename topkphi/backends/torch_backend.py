@@ -32,7 +32,7 @@ from topkphi.config import Config, check_shapes
 from topkphi.feature_maps import FeatureMap
 from topkphi.reads import read_counts
 from topkphi.regions import Regions, n_selected_pages, n_selected_tokens, page_span
-from topkphi.summary import Summary, check_compatible
+from topkphi.summary import Summary, check_compatible, fold_range
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FOLD_ELEMENTS = 1 << 24  # features materialized per fold chunk (taylor2 has m = 1 + d + d^2)
@@ -74,12 +74,9 @@ class TorchBackend:
         """
         _check_inputs(None, k, v)
         n_tokens = k.shape[2]
-        if n_tokens < summary.n_tokens:
-            raise ValueError(f"the cache shrank from {summary.n_tokens} to {n_tokens} tokens: build a new summary")
-        check_compatible(summary, cfg)
-        lo, hi = summary.mid_end, max(cfg.n_sink, n_tokens - cfg.n_tail)
+        lo, hi = fold_range(summary, cfg, n_tokens)
         out = replace(summary, n_tokens=n_tokens, mid_end=hi)
-        if hi <= lo:
+        if hi == lo:
             return out
         d = k.shape[3]
         fmap = cfg.feature_map_for(d)
