@@ -11,9 +11,11 @@ import topkphi
 
 # name -> (module, function, one-line help shown by --help without importing the module)
 SUBCOMMANDS = {
+    "calibrate": ("topkphi.commands.calibrate", "calibrate", "Fit learned feature maps (a phi file) on text."),
     "chat": ("topkphi.commands.chat", "chat", "Chat with a model through topkphi (or --dense)."),
     "backends": ("topkphi.commands.backends", "backends", "List the backends and whether each runs here."),
     "demo": ("topkphi.commands.demo", "demo", "Top-K only vs Top-K + phi against dense, on random KV."),
+    "eval": ("topkphi.commands.eval", "eval_command", "Task accuracy, KL and attention error at matched KV reads."),
     "inspect-heads": ("topkphi.commands.inspect_heads", "inspect_heads", "Per-head entropy, dropped mass, phi gain."),
 }
 

@@ -73,3 +73,16 @@ def test_interactive_commands_and_multi_turn():
     assert result.output.count("Commands:") >= 2  # the banner and the 'h' answer
     assert "Paris" in result.output and "Rome" in result.output  # the second turn saw the first
     assert result.output.count("KV read/step") == 2  # one stats line per reply
+
+
+def test_learned_maps_need_a_phi_file():
+    assert_usage_error(run("--feature-map", "learned", "-p", "hi"), "--phi-file")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MLX, reason="mlx and mlx-lm are not installed")
+def test_corrupt_phi_file(tmp_path):
+    bad = tmp_path / "phi.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    assert_usage_error(run("--backend", "mlx", "--feature-map", "learned", "--phi-file", str(bad), "-p", "hi"),
+                       "phi")

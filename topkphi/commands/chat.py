@@ -6,29 +6,33 @@ import sys
 
 import click
 
+from topkphi.commands.calibrate import check_phi_options, load_layer_maps, per_layer_config, phi_file_option
 from topkphi.commands.errors import user_errors
 from topkphi.commands.runtime import RUNTIMES, config_from_options, resolve_runtime, topkphi_options
 
 HELP = "Commands: 'q' quits, 'r' resets the conversation, 'h' shows this help."
 
 
-def load_engine(model: str, backend: str, cfg, dense: bool):
-    """The model on the chosen runtime, wrapped in its generation engine."""
+def load_engine(model: str, backend: str, cfg, dense: bool, phi_file: str | None = None, warn=None):
+    """The model on the chosen runtime, wrapped in its generation engine; ``phi_file`` gives
+    each layer its learned maps (checked against the loaded model)."""
     import topkphi
 
     runtime = resolve_runtime(backend)
     kernel = None if dense else topkphi.get_backend(runtime.kernel_backend)
     if runtime.framework == "torch":
-        from topkphi.generation.torch_engine import TorchEngine
+        from topkphi.generation.torch_engine import TorchEngine as engine_cls
         from topkphi.models.resolve import load_torch_model
 
         net, tokenizer = load_torch_model(model, device=runtime.device)
-        return TorchEngine(net, tokenizer, None if dense else cfg, kernel), runtime
-    from topkphi.generation.mlx_engine import MLXEngine
-    from topkphi.models.resolve import load_mlx_model
+    else:
+        from topkphi.generation.mlx_engine import MLXEngine as engine_cls
+        from topkphi.models.resolve import load_mlx_model
 
-    net, tokenizer = load_mlx_model(model)
-    return MLXEngine(net, tokenizer, None if dense else cfg, kernel), runtime
+        net, tokenizer = load_mlx_model(model)
+    if not dense and phi_file is not None:
+        cfg = per_layer_config(cfg, load_layer_maps(phi_file, net, model, runtime.framework, cfg, warn))
+    return engine_cls(net, tokenizer, None if dense else cfg, kernel), runtime
 
 
 def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
@@ -51,9 +55,10 @@ def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--system-prompt", default=None)
 @topkphi_options
+@phi_file_option
 @user_errors
 def chat(model, backend, prompt, max_tokens, temp, top_p, seed, system_prompt, top_k, n_sink, n_tail, selection,
-         page_size, feature_map, n_features, dense) -> None:
+         page_size, feature_map, n_features, dense, phi_file) -> None:
     """Chat with a model; decode steps read sink + tail + Top-K exactly and estimate the rest."""
     from rich.console import Console
 
@@ -62,9 +67,10 @@ def chat(model, backend, prompt, max_tokens, temp, top_p, seed, system_prompt, t
     if not 0.0 < top_p <= 1.0 or temp < 0:
         raise click.UsageError("--top-p must be in (0, 1] and --temp >= 0")
     cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed)
+    check_phi_options(feature_map, phi_file)
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
-    engine, runtime = load_engine(model, backend, cfg, dense)
+    engine, runtime = load_engine(model, backend, cfg, dense, phi_file, lambda text: err.print(f"[dim]{text}[/dim]"))
     err.print(f"[dim]{model} on {runtime.device} ({'dense' if dense else runtime.kernel_backend})[/dim]")
     history = [{"role": "system", "content": system_prompt}] if system_prompt else []
 

@@ -85,8 +85,9 @@ def topkphi_options(fn):
         click.option("--selection", type=click.Choice(["exact", "page"]), default="page", show_default=True,
                      help="How Top-K is found: scoring every key, or Quest-style page bounds."),
         click.option("--page-size", type=int, default=16, show_default=True),
-        click.option("--feature-map", type=click.Choice(["prf", "taylor2", "none"]), default="prf",
-                     show_default=True, help="Completion of the unread mass; none = Top-K only."),
+        click.option("--feature-map", type=click.Choice(["prf", "taylor2", "learned", "none"]), default="prf",
+                     show_default=True, help="Completion of the unread mass; none = Top-K only; "
+                     "learned = the maps of --phi-file."),
         click.option("--n-features", type=int, default=64, show_default=True, help="Feature-map size m."),
         click.option("--dense", is_flag=True, help="Exact attention over the whole cache (the baseline)."),
     ]
@@ -100,7 +101,8 @@ def config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map
 
     try:
         return topkphi.Config(n_sink=n_sink, n_tail=n_tail, top_k=top_k, selection=selection, page_size=page_size,
-                              feature_map=None if feature_map == "none" else feature_map,
+                              # learned maps are per layer: filled in once the model is loaded
+                              feature_map=None if feature_map in ("none", "learned") else feature_map,
                               n_features=n_features, seed=seed)
     except ValueError as err:
         raise click.UsageError(str(err)) from None

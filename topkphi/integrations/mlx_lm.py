@@ -10,7 +10,7 @@ global in each module the loaded model uses, and puts the original back on exit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -68,16 +68,22 @@ def attention_scale(model) -> float | None:
     return None
 
 
-def make_cache(model, cfg: Config, backend: Backend, scale: float | None = None) -> list[TopKPhiKVCache]:
-    """One ``TopKPhiKVCache`` per layer; refuses models whose default cache is not a plain ``KVCache``."""
+def make_cache(model, cfg: Config | Callable[[int], Config], backend: Backend,
+               scale: float | None = None) -> list[TopKPhiKVCache]:
+    """One ``TopKPhiKVCache`` per layer; ``cfg`` is one Config or ``layer_idx -> Config`` (learned maps).
+
+    Refuses models whose default cache is not a plain ``KVCache``.
+    """
     if hasattr(model, "make_cache"):
         kinds = {type(c).__name__ for c in model.make_cache()}
         if kinds != {"KVCache"}:
             raise ValueError(f"topkphi supports full-attention KV caches only; this model uses {sorted(kinds)}")
     scale = attention_scale(model) if scale is None else scale
-    if scale is not None:
-        cfg = cfg.replace(scale=float(scale))
-    return [TopKPhiKVCache(cfg, backend) for _ in model.layers]
+    caches = []
+    for i in range(len(model.layers)):
+        layer_cfg = cfg(i) if callable(cfg) else cfg
+        caches.append(TopKPhiKVCache(layer_cfg if scale is None else layer_cfg.replace(scale=float(scale)), backend))
+    return caches
 
 
 def cache_totals(cache: list) -> tuple[float, float]:

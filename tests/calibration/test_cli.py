@@ -1,0 +1,158 @@
+"""`topkphi calibrate` end to end on a tiny random Llama, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from topkphi.cli import main
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="calibration needs torch and transformers")
+
+
+class CharTokenizer:
+    def encode(self, text):
+        return [ord(c) % 96 for c in text]
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    import topkphi.models.resolve as resolve
+    from tests.integrations.test_hf import tiny_llama
+
+    model = tiny_llama()
+    monkeypatch.setattr(resolve, "load_torch_model", lambda spec, device="cpu", **kw: (model, CharTokenizer()))
+    data = tmp_path / "text.txt"
+    data.write_text("".join(chr(33 + (7 * i * i + 3 * i) % 90) for i in range(400)))
+    return model, data
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["calibrate", *args])
+
+
+def assert_usage_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+SMALL = [
+    "--backend",
+    "cpu",
+    "--n-features",
+    "8",
+    "--n-tail",
+    "16",
+    "--top-k",
+    "16",
+    "--tokens",
+    "300",
+    "--steps",
+    "20",
+    "--stride",
+    "4",
+]
+
+
+@needs_torch
+def test_calibrate_then_load_and_evaluate(tiny, tmp_path):
+    from topkphi.calibration.phi_file import load_phi, torch_fingerprint
+
+    model, data = tiny
+    out = tmp_path / "phi.safetensors"
+    result = run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "2 layers x 2 KV heads" in result.output
+    maps, meta = load_phi(out, torch_fingerprint(model, "tiny"))
+    assert len(maps) == 2 and meta.m == 8 and meta.top_k == 16 and meta.n_tail == 16 and meta.model_id == "tiny"
+    assert all(after < before for before, after in zip(meta.extra["loss_before"], meta.extra["loss_after"]))
+
+    report = tmp_path / "eval.json"
+    result = run(
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        *SMALL,
+        "--evaluate",
+        str(out),
+        "--n-queries",
+        "2",
+        "--per-prompt",
+        "1",
+        "--json",
+        str(report),
+    )
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(report.read_text())
+    assert numbers["top_k_matched"] > 16 and numbers["mean"]["err_phi"] > 0 and "err_phi_prompt" in numbers["mean"]
+
+
+@needs_torch
+def test_a_file_for_another_model_is_refused(tiny, tmp_path):
+    import topkphi.models.resolve as resolve
+    from tests.integrations.test_hf import tiny_llama
+
+    _, data = tiny
+    out = tmp_path / "phi.safetensors"
+    assert run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out)).exit_code == 0
+    resolve.load_torch_model = lambda spec, device="cpu", **kw: (tiny_llama(heads=4, kv_heads=4), CharTokenizer())
+    assert_usage_error(run("--model", "tiny", "--data", str(data), *SMALL, "--evaluate", str(out)), "made for tiny")
+
+
+@needs_torch
+def test_corrupt_file_is_refused(tiny, tmp_path):
+    _, data = tiny
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+    assert_usage_error(run("--model", "tiny", "--data", str(data), *SMALL, "--evaluate", str(bad)), "phi file")
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--out", "x.safetensors", "--tokens", "50"], "too short"),
+        (["--out", "x.safetensors", "--data", "/nonexistent/file.txt"], "no such data file"),
+        (["--out", "x.safetensors", "--steps", "0"], "steps must be >= 1"),
+        ([], "give --out FILE"),
+    ],
+)
+def test_bad_input_is_one_line(tiny, args, fragment):
+    _, data = tiny
+    extra = [] if "--data" in args else ["--data", str(data)]
+    full = [a for a in SMALL if a not in ("--tokens", "300")] if "--tokens" in args else SMALL
+    assert_usage_error(run("--model", "tiny", *extra, *full, *args), fragment)
+
+
+class ChatTokenizer(CharTokenizer):
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(33 + i) for i in ids)
+
+
+@needs_torch
+def test_chat_decodes_with_the_learned_maps(tiny, tmp_path, monkeypatch):
+    import topkphi
+    import topkphi.models.resolve as resolve
+    from topkphi.commands.chat import load_engine
+
+    model, data = tiny
+    out = tmp_path / "phi.safetensors"
+    assert run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out)).exit_code == 0
+    monkeypatch.setattr(resolve, "load_torch_model", lambda spec, device="cpu", **kw: (model, ChatTokenizer()))
+    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=16, feature_map=None)
+    engine, _ = load_engine("tiny", "cpu", cfg, dense=False, phi_file=str(out))
+    assert [engine.cfg(i).feature_map.kind for i in range(2)] == ["learned", "learned"]
+    tokens = engine.generate(ChatTokenizer().encode("x" * 120), 6)
+    assert len(tokens) == 6 and engine.stats.rho > 0  # the learned completion took part
+    result = CliRunner().invoke(main, ["chat", "--model", "tiny", "--backend", "cpu", "--feature-map", "learned",
+                                       "--phi-file", str(out), "--n-tail", "16", "--top-k", "16", "--max-tokens", "3",
+                                       "-p", "y" * 120])
+    assert result.exit_code == 0, result.output
+    assert "rho" in result.output

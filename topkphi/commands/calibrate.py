@@ -1,0 +1,372 @@
+"""`topkphi calibrate`: fit learned feature maps on calibration text, save them, and measure them.
+
+    topkphi calibrate --model smollm2-135m --builtin --out phi.safetensors
+    topkphi calibrate --model smollm2-135m --evaluate phi.safetensors --tokens 2048 --top-k 64
+
+Also the helpers model commands use for ``--phi-file`` / ``--feature-map learned``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import numpy as np
+
+from topkphi.commands.errors import user_errors
+from topkphi.commands.runtime import RUNTIMES, resolve_runtime
+
+# ---- helpers for chat / inspect-heads / eval -------------------------------------------------------------
+
+
+def phi_file_option(fn):
+    """``--phi-file F``: learned maps from ``topkphi calibrate`` (needed by ``--feature-map learned``)."""
+    return click.option(
+        "--phi-file",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="Learned feature maps from `topkphi calibrate` (for --feature-map learned).",
+    )(fn)
+
+
+def check_phi_options(feature_map: str, phi_file: str | None) -> None:
+    if feature_map == "learned" and phi_file is None:
+        raise click.UsageError("--feature-map learned needs --phi-file (make one with `topkphi calibrate`)")
+    if phi_file is not None and feature_map != "learned":
+        raise click.UsageError("--phi-file is used only with --feature-map learned")
+
+
+def fingerprint(net, model_id: str, framework: str):
+    from topkphi.calibration.phi_file import mlx_fingerprint, torch_fingerprint
+
+    return torch_fingerprint(net, model_id) if framework == "torch" else mlx_fingerprint(net, model_id)
+
+
+def load_layer_maps(phi_file: str, net, model_id: str, framework: str, cfg=None, warn: Callable[[str], None] = None):
+    """The file's per-layer maps, checked against the loaded model (ValueError: one line)."""
+    from topkphi.calibration.phi_file import load_phi
+
+    maps, meta = load_phi(phi_file, fingerprint(net, model_id, framework))
+    if cfg is not None and warn is not None:
+        fitted = (meta.n_sink, meta.n_tail, meta.top_k)
+        if fitted != (cfg.n_sink, cfg.n_tail, cfg.top_k):
+            warn(
+                f"note: {Path(phi_file).name} was fitted for n_sink/n_tail/top_k {fitted}, "
+                f"running with {(cfg.n_sink, cfg.n_tail, cfg.top_k)}"
+            )
+    return maps
+
+
+def per_layer_config(cfg, maps) -> Callable[[int], object]:
+    """``layer_idx -> Config`` with that layer's learned map (what TopKPhiCache / make_cache take)."""
+    configs = [cfg.replace(feature_map=fmap, n_features=fmap.n_features) for fmap in maps]
+    return lambda i: configs[i]
+
+
+def fit_prompt_maps(net, input_ids, framework: str, opts, init_maps=None, time_budget_s: float = 5.0):
+    """Per-prompt maps: capture the prompt's own prefill queries and fit (warm-started when given)
+    under ``time_budget_s``. Returns ``(maps, seconds spent)``; the capture is one extra prefill pass."""
+    from topkphi.calibration.fit import fit_model
+
+    start = time.perf_counter()
+    layers = capture(net, input_ids, framework)
+    fits = fit_model([layers], opts, init_maps, time_budget_s=max(0.0, time_budget_s - (time.perf_counter() - start)))
+    return [f.fmap for f in fits], time.perf_counter() - start
+
+
+# ---- capture ----------------------------------------------------------------------------------------------------
+
+
+def load_model(model: str, backend: str):
+    runtime = resolve_runtime(backend)
+    from topkphi.models import resolve
+
+    if runtime.framework == "torch":
+        net, tokenizer = resolve.load_torch_model(model, device=runtime.device)
+    else:
+        net, tokenizer = resolve.load_mlx_model(model)
+    return net, tokenizer, runtime
+
+
+def capture(net, ids: list[int], framework: str):
+    if framework == "torch":
+        import torch
+
+        from topkphi.capture import capture_torch
+
+        device = next(net.parameters()).device
+        return capture_torch(net, torch.tensor([ids], device=device), len(ids))
+    import mlx.core as mx
+
+    from topkphi.capture import capture_mlx
+
+    return capture_mlx(net, mx.array([ids]), len(ids))
+
+
+def calibration_texts(data: tuple[str, ...], builtin: bool, split: str) -> dict[str, str]:
+    from topkphi.calibration import data as cal_data
+
+    if data and builtin:
+        raise ValueError("give --data FILE ... or --builtin, not both")
+    if data:
+        return cal_data.read_files(data)
+    return cal_data.builtin_texts(split)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--model", "-m", default="smollm2-135m", show_default=True, help="Alias, local HF folder, .gguf file or hub id."
+)
+@click.option(
+    "--backend",
+    type=click.Choice(RUNTIMES),
+    default="auto",
+    show_default=True,
+    help="Runtime that runs the model for the capture (the fit itself runs in torch on the CPU).",
+)
+@click.option("--data", multiple=True, type=click.Path(), help="Calibration text file(s); repeatable.")
+@click.option("--builtin", is_flag=True, help="Built-in Gutenberg plays (default when no --data is given).")
+@click.option("--n-features", type=int, default=32, show_default=True, help="Feature-map size m.")
+@click.option("--n-sink", type=int, default=4, show_default=True)
+@click.option("--n-tail", type=int, default=64, show_default=True)
+@click.option("--top-k", type=int, default=64, show_default=True, help="The budget the maps are fitted for.")
+@click.option("--tokens", type=int, default=2048, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--sequences", type=int, default=1, show_default=True, help="Calibration sequences (one per text).")
+@click.option("--steps", type=int, default=300, show_default=True, help="Adam steps per layer.")
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--stride", type=int, default=8, show_default=True, help="One calibration query every STRIDE positions.")
+@click.option(
+    "--merge-weight",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Weight of the merged output's error vs dense, next to the log-mass and value terms.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="Where to write the phi file.")
+@click.option(
+    "--evaluate",
+    "evaluate_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Instead of fitting: measure this phi file on held-out text (built-in held-out plays "
+    "unless --data is given) against Top-K only at matched reads.",
+)
+@click.option(
+    "--n-queries",
+    type=int,
+    default=8,
+    show_default=True,
+    help="--evaluate: decode steps replayed per text (the last positions).",
+)
+@click.option(
+    "--per-prompt",
+    type=float,
+    default=None,
+    help="--evaluate: also refine the maps on each text's own prefill for this many seconds.",
+)
+@click.option("--json", "json_out", default=None, help="--evaluate: write the numbers as JSON here.")
+@user_errors
+def calibrate(
+    model,
+    backend,
+    data,
+    builtin,
+    n_features,
+    n_sink,
+    n_tail,
+    top_k,
+    tokens,
+    sequences,
+    steps,
+    lr,
+    stride,
+    merge_weight,
+    seed,
+    out,
+    evaluate_file,
+    n_queries,
+    per_prompt,
+    json_out,
+) -> None:
+    """Fit learned feature maps per (layer, KV head) on calibration text and save them (safetensors)."""
+    from rich.console import Console
+
+    from topkphi.calibration.fit import FitOptions, min_tokens, require_torch
+
+    err = Console(stderr=True, highlight=False)
+    if tokens < 1 or sequences < 1 or n_queries < 1:
+        raise ValueError("--tokens, --sequences and --n-queries must be >= 1")
+    opts = FitOptions(
+        n_features=n_features,
+        n_sink=n_sink,
+        n_tail=n_tail,
+        top_k=top_k,
+        steps=steps,
+        lr=lr,
+        stride=stride,
+        merge_weight=merge_weight,
+        seed=seed,
+    )
+    if evaluate_file is None and out is None:
+        raise ValueError("give --out FILE for the fitted maps (or --evaluate FILE to measure one)")
+    if tokens < min_tokens(opts):
+        raise ValueError(
+            f"--tokens {tokens} is too short for n_sink {n_sink} + n_tail {n_tail} + top_k {top_k}: "
+            f"it needs at least {min_tokens(opts)}"
+        )
+    if evaluate_file is None or per_prompt is not None:
+        require_torch()
+    split = "held-out" if evaluate_file else "calibration"
+    texts = calibration_texts(tuple(data), builtin, split)
+    with err.status(f"loading {model}"):
+        net, tokenizer, runtime = load_model(model, backend)
+    from topkphi.calibration.data import token_sequences
+
+    seqs = token_sequences(tokenizer, texts, tokens, sequences)
+    if evaluate_file is not None:
+        return _evaluate(err, net, runtime, seqs, model, evaluate_file, opts, n_queries, per_prompt, json_out)
+    _fit(err, net, runtime, seqs, model, opts, out, list(texts)[: len(seqs)])
+
+
+def _progress(err):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def _fit(err, net, runtime, seqs, model_id, opts, out, sources) -> None:
+    from topkphi.calibration.fit import fit_model
+    from topkphi.calibration.phi_file import PhiMeta, save_phi
+
+    start = time.perf_counter()
+    with err.status(f"capturing q/k/v on {len(seqs)} x {len(seqs[0])} tokens"):
+        captured = [capture(net, ids, runtime.framework) for ids in seqs]
+    fp = fingerprint(net, model_id, runtime.framework)
+    n_layers = len(captured[0])
+    tasks = {}
+    with _progress(err) as progress:
+
+        def start_layer(layer):
+            tasks[layer] = progress.add_task(f"layer {layer + 1:>2}/{n_layers}", total=opts.steps, loss="")
+
+        def step(layer, i, loss):
+            if i == 1 or i % 5 == 0 or i == opts.steps:
+                progress.update(tasks[layer], completed=i, loss=f"loss {loss:.4f}")
+
+        def done(fit):
+            progress.update(
+                tasks[fit.layer], completed=opts.steps, loss=f"loss {fit.loss_before:.3f} -> {fit.loss_after:.4f}"
+            )
+
+        fits = fit_model(captured, opts, on_layer_start=start_layer, on_step=step, on_layer_done=done)
+    d = captured[0][0].k.shape[-1]
+    meta = PhiMeta(
+        model_id=model_id,
+        config_hash=fp.config_hash,
+        weights_hash=fp.weights_hash,
+        n_layers=n_layers,
+        n_kv_heads=captured[0][0].k.shape[1],
+        d=d,
+        m=opts.n_features,
+        scale=captured[0][0].scale,
+        n_sink=opts.n_sink,
+        n_tail=opts.n_tail,
+        top_k=opts.top_k,
+        extra={
+            "tokens": len(seqs[0]),
+            "sequences": len(seqs),
+            "sources": sources,
+            "steps": opts.steps,
+            "lr": opts.lr,
+            "stride": opts.stride,
+            "merge_weight": opts.merge_weight,
+            "loss_before": [f.loss_before for f in fits],
+            "loss_after": [f.loss_after for f in fits],
+        },
+    )
+    save_phi(out, [f.fmap for f in fits], meta)
+    before = np.mean([f.loss_before for f in fits])
+    after = np.mean([f.loss_after for f in fits])
+    click.echo(
+        f"wrote {out}: {n_layers} layers x {meta.n_kv_heads} KV heads, m={opts.n_features}; "
+        f"mean loss {before:.3f} -> {after:.4f} in {time.perf_counter() - start:.0f} s"
+    )
+
+
+def _evaluate(err, net, runtime, seqs, model_id, phi_file, opts, n_queries, per_prompt, json_out) -> None:
+    import topkphi
+    from topkphi.calibration.fit import fit_model, replay_errors, truncate
+
+    maps = load_layer_maps(phi_file, net, model_id, runtime.framework)
+    d = maps[0].d
+    cfg = topkphi.Config(n_sink=opts.n_sink, n_tail=opts.n_tail, top_k=opts.top_k, feature_map=maps[0])
+    matched = topkphi.matched_top_k(cfg, d, d)
+    results = {
+        "model": model_id,
+        "phi_file": str(phi_file),
+        "n_tokens": len(seqs[0]),
+        "n_sink": opts.n_sink,
+        "n_tail": opts.n_tail,
+        "top_k": opts.top_k,
+        "top_k_matched": matched,
+        "texts": [],
+    }
+    for ids in seqs:
+        with err.status(f"capturing {len(ids)} tokens"):
+            layers = capture(net, ids, runtime.framework)
+        positions = list(range(len(ids) - n_queries, len(ids)))
+        with err.status("replaying decode steps with the float64 oracle"):
+            e_top = replay_errors(layers, positions, opts.n_sink, opts.n_tail, matched, None)
+            e_phi = replay_errors(layers, positions, opts.n_sink, opts.n_tail, opts.top_k, maps)
+        row = {
+            "err_top_k_matched": float(e_top.mean()),
+            "err_phi": float(e_phi.mean()),
+            "per_layer_top_k": e_top.mean((1, 2)).tolist(),
+            "per_layer_phi": e_phi.mean((1, 2)).tolist(),
+        }
+        if per_prompt is not None:
+            prefill = [truncate(c, positions[0]) for c in layers]  # the prompt: everything before the replayed steps
+            start = time.perf_counter()
+            with err.status(f"per-prompt fit ({per_prompt:g} s budget)"):
+                fits = fit_model([prefill], opts, maps, time_budget_s=per_prompt)
+            row["per_prompt_seconds"] = time.perf_counter() - start
+            row["per_prompt_steps"] = int(np.mean([f.steps for f in fits]))
+            e_pp = replay_errors(layers, positions, opts.n_sink, opts.n_tail, opts.top_k, [f.fmap for f in fits])
+            row["err_phi_prompt"] = float(e_pp.mean())
+            row["per_layer_phi_prompt"] = e_pp.mean((1, 2)).tolist()
+        results["texts"].append(row)
+        line = (
+            f"N={len(ids)} top_k={opts.top_k}: Top-K only (top_k {matched}) {row['err_top_k_matched']:.4f}, "
+            f"+ learned phi {row['err_phi']:.4f} ({row['err_top_k_matched'] / row['err_phi']:.2f}x)"
+        )
+        if per_prompt is not None:
+            line += (
+                f", per-prompt {row['err_phi_prompt']:.4f} ({row['err_top_k_matched'] / row['err_phi_prompt']:.2f}x,"
+                f" {row['per_prompt_seconds']:.1f} s)"
+            )
+        click.echo(line)
+    keys = ["err_top_k_matched", "err_phi"] + (["err_phi_prompt"] if per_prompt is not None else [])
+    results["mean"] = {k: float(np.mean([r[k] for r in results["texts"]])) for k in keys}
+    m = results["mean"]
+    click.echo(
+        "mean: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+        + f"; ratio {m['err_top_k_matched'] / m['err_phi']:.2f}x"
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2) + "\n")

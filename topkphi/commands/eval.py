@@ -1,0 +1,211 @@
+"""`topkphi eval`: task accuracy, next-token KL and attention-output error at matched KV reads."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from topkphi.commands.errors import user_errors
+from topkphi.commands.runtime import RUNTIMES, resolve_runtime
+
+NUMERIC = {"kl", "attn"}
+
+
+def _names(value: str, option: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ValueError(f"{option} needs at least one value")
+    return list(dict.fromkeys(names))
+
+
+def _ints(value: str, option: str) -> list[int]:
+    out = []
+    for v in _names(value, option):
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise ValueError(f"{option} takes integers, got {v!r}") from None
+    return out
+
+
+def load_runner(model: str, backend: str):
+    import topkphi
+    from topkphi.evaluation.harness import make_runner
+
+    runtime = resolve_runtime(backend)
+    kernel = topkphi.get_backend(runtime.kernel_backend)
+    if runtime.framework == "torch":
+        from topkphi.models import resolve
+
+        net, tokenizer = resolve.load_torch_model(model, device=runtime.device)
+    else:
+        from topkphi.models import resolve
+
+        net, tokenizer = resolve.load_mlx_model(model)
+    return make_runner(runtime.framework, net, tokenizer, kernel), runtime
+
+
+def render(console, report: dict) -> None:
+    from rich.table import Table
+
+    results = report["results"]
+    tasks = report["tasks"]
+    for context in report["contexts"]:
+        table = Table(title=f"{report['model']} @ {context} tokens: accuracy % (RULER string match), KL, attn error",
+                      title_justify="left")
+        table.add_column("method")
+        table.add_column("B", justify="right")
+        table.add_column("K / tail", justify="right")
+        table.add_column("KV read", justify="right")
+        for task in tasks:
+            if task == "kl":
+                table.add_column("KL", justify="right")
+                table.add_column("ppl", justify="right")
+            elif task == "attn":
+                table.add_column("attn err", justify="right")
+            else:
+                table.add_column(task, justify="right")
+        keys = list(dict.fromkeys((r["method"], r["budget"]) for r in results if r["context"] == context))
+        for method, budget in keys:
+            mine = {r["task"]: r for r in results
+                    if r["context"] == context and r["method"] == method and r["budget"] == budget}
+            reads = [r["read_fraction"] for r in mine.values()]
+            first = next(iter(mine.values()))
+            knob = "-" if first["n_tail"] is None else (
+                f"tail {first['n_tail']}" if method == "sink-tail" else f"K {first['top_k']}")
+            cells = [method, "-" if budget is None else str(budget), knob, f"{sum(reads) / len(reads):.1%}"]
+            for task in tasks:
+                r = mine.get(task)
+                if task == "kl":
+                    cells += ([f"{r['kl']:.4f}", f"{r['ppl']:.2f}"] if r else ["", ""])
+                elif task == "attn":
+                    cells.append(f"{r['attn_err']:.3f}" if r else "")
+                else:
+                    cells.append(f"{r['score']:.1f}" if r else "")
+            table.add_row(*cells)
+        console.print(table)
+        attn = [r for r in results if r["context"] == context and r["task"] == "attn" and r["method"] != "dense"]
+        if attn:
+            t = Table(title=f"attn error by entropy tercile @ {context}", title_justify="left")
+            for name in ("method", "B", "low H", "mid H", "high H", "all"):
+                t.add_column(name, justify="left" if name == "method" else "right")
+            for r in attn:
+                cells = [f"{r['terciles'][k]:.3f}" if r["terciles"][k] is not None else "-"
+                         for k in ("low", "mid", "high")]
+                t.add_row(r["method"], str(r["budget"]), *cells, f"{r['attn_err']:.3f}")
+            console.print(t)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    qa = [t for t in report["tasks"] if t not in NUMERIC]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [(axes[0], "accuracy (mean over question tasks, %)", qa, "score"),
+              (axes[1], "next-token KL vs dense (nats)", ["kl"], "kl")]
+    markers = ["o", "s", "^", "D"]
+    for ax, ylabel, tasks, key in panels:
+        for ci, context in enumerate(report["contexts"]):
+            by_method: dict[str, list[tuple[float, float]]] = {}
+            for method, budget in dict.fromkeys((r["method"], r["budget"]) for r in results):
+                rows = [r for r in results if r["context"] == context and r["method"] == method
+                        and r["budget"] == budget and r["task"] in tasks]
+                if rows:
+                    x = sum(r["read_fraction"] for r in rows) / len(rows)
+                    y = sum(r[key] for r in rows) / len(rows)
+                    by_method.setdefault(method, []).append((x, y))
+            for method, points in by_method.items():
+                points.sort()
+                xs, ys = zip(*points)
+                style = "*" if method == "dense" else markers[ci % len(markers)]
+                ax.plot(xs, ys, marker=style, markersize=10 if method == "dense" else 6,
+                        label=f"{method} @ {context}", linestyle="-" if len(xs) > 1 else "none")
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of the KV cache read per decode step (token-equivalents)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{report['model']}: matched reads ({report['config']['selection']} selection)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command("eval")
+@click.option("--model", "-m", default="smollm2-135m", show_default=True,
+              help="Alias, local HF folder, .gguf file or hub id.")
+@click.option("--methods", default="dense,sink-tail,topk,topk+phi", show_default=True,
+              help="Comma-separated: dense, sink-tail, topk, topk+phi (dense is always run).")
+@click.option("--budgets", default="64,256", show_default=True,
+              help="Top-K of topk+phi; the other methods get the same token-equivalent reads.")
+@click.option("--tasks", default="niah_single,niah_essay,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,kl,attn",
+              show_default=True, help="Comma-separated task names.")
+@click.option("--context", "contexts", default="2048", show_default=True, help="Comma-separated lengths in tokens.")
+@click.option("--samples", type=int, default=5, show_default=True, help="Samples per task and context.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(RUNTIMES), default="auto", show_default=True)
+@click.option("--n-sink", type=int, default=4, show_default=True)
+@click.option("--n-tail", type=int, default=64, show_default=True)
+@click.option("--selection", type=click.Choice(["exact", "page"]), default="page", show_default=True)
+@click.option("--page-size", type=int, default=16, show_default=True)
+@click.option("--feature-map", type=click.Choice(["prf", "taylor2"]), default="prf", show_default=True)
+@click.option("--n-features", type=int, default=64, show_default=True)
+@click.option("--kl-tokens", type=int, default=32, show_default=True, help="Teacher-forced decode steps per KL window.")
+@click.option("--attn-positions", type=int, default=2, show_default=True,
+              help="Decode steps per window for the per-head attention-output error.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@user_errors
+def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backend, n_sink, n_tail, selection,
+                 page_size, feature_map, n_features, kl_tokens, attn_positions, json_out, plot_out) -> None:
+    """Accuracy on RULER-style tasks, KL and attention error of each method at matched KV reads."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import topkphi
+    from topkphi.evaluation.harness import EvalSpec, evaluate, n_units
+
+    base = topkphi.Config(n_sink=n_sink, n_tail=n_tail, selection=selection, page_size=page_size,
+                          feature_map=feature_map, n_features=n_features, seed=seed)
+    spec = EvalSpec(methods=_names(methods, "--methods"), budgets=_ints(budgets, "--budgets"),
+                    tasks=_names(tasks, "--tasks"), contexts=_ints(contexts, "--context"), samples=samples,
+                    seed=seed, base=base, kl_tokens=kl_tokens, attn_positions=attn_positions)
+    spec.validate()
+    if plot_out is not None and plot_out.suffix.lower() != ".png":
+        raise ValueError(f"--plot writes a PNG: {plot_out} does not end in .png")
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # logs keep whole tables
+    err = Console(stderr=True, highlight=False)
+    runner, runtime = load_runner(model, backend)
+    err.print(f"[dim]{model} on {runtime.device} ({runtime.kernel_backend})[/dim]")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        job = bar.add_task("eval", total=n_units(spec))
+        out = evaluate(runner, spec, lambda n, desc: bar.update(job, advance=n, description=desc))
+    report = {
+        "model": model,
+        "runtime": {"framework": runtime.framework, "device": runtime.device, "kernel_backend": runtime.kernel_backend},
+        "methods": spec.methods, "budgets": spec.budgets, "tasks": spec.tasks, "contexts": spec.contexts,
+        "samples": samples, "seed": seed, "kl_tokens": kl_tokens, "attn_positions": attn_positions,
+        "config": {"n_sink": n_sink, "n_tail": n_tail, "selection": selection, "page_size": page_size,
+                   "feature_map": feature_map, "n_features": n_features},
+        "results": out["results"], "rows": out["rows"],
+    }
+    render(console, report)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+        err.print(f"[dim]wrote {json_out}[/dim]")
+    if plot_out is not None:
+        plot(report, plot_out)
+        err.print(f"[dim]wrote {plot_out}[/dim]")
+
+
+
