@@ -156,3 +156,22 @@ def test_chat_decodes_with_the_learned_maps(tiny, tmp_path, monkeypatch):
                                        "-p", "y" * 120])
     assert result.exit_code == 0, result.output
     assert "rho" in result.output
+
+
+@needs_torch
+def test_inspect_heads_reads_the_learned_maps(tiny, tmp_path):
+    data = tiny[1]
+    out = tmp_path / "phi.safetensors"
+    assert run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out)).exit_code == 0
+    text = data.read_text()[:150]
+    args = ["inspect-heads", "--model", "tiny", "--backend", "cpu", "--text", text, "--n-tail", "16", "--top-k", "16",
+            "--n-queries", "2", "--json", "-"]
+    learned = CliRunner().invoke(main, [*args, "--feature-map", "learned", "--phi-file", str(out)])
+    assert learned.exit_code == 0, learned.output
+    report = json.loads(learned.output)
+    assert report["config"]["phi_file"] == str(out) and report["config"]["n_features"] == 8
+    prf = json.loads(CliRunner().invoke(main, args).output)
+    # the learned maps change the completion's estimate, so its error differs from the prf run's
+    assert [h["err_phi"] for h in report["heads"]] != [h["err_phi"] for h in prf["heads"]]
+    missing = CliRunner().invoke(main, [*args, "--feature-map", "learned"])
+    assert missing.exit_code == 2 and "--phi-file" in missing.output

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from topkphi.commands.calibrate import check_phi_options, load_layer_maps, per_layer_config, phi_file_option
 from topkphi.commands.errors import user_errors
 from topkphi.commands.runtime import RUNTIMES, resolve_runtime
 
@@ -40,7 +41,7 @@ def check_length(n_tokens: int, n_sink: int, n_tail: int, n_queries: int) -> Non
 
 
 def capture_prompt(model: str, backend: str, text: str, n_sink: int, n_tail: int, n_queries: int):
-    """``(layers, n_tokens, runtime)``: every attention layer's q/k/v on the prompt."""
+    """``(layers, n_tokens, runtime, net)``: every attention layer's q/k/v on the prompt, and the model."""
     runtime = resolve_runtime(backend)
     if runtime.framework == "torch":
         import torch
@@ -51,7 +52,7 @@ def capture_prompt(model: str, backend: str, text: str, n_sink: int, n_tail: int
         net, tokenizer = load_torch_model(model, device=runtime.device)
         ids = list(tokenizer.encode(text))
         check_length(len(ids), n_sink, n_tail, n_queries)
-        return capture_torch(net, torch.tensor([ids], device=runtime.device), n_queries), len(ids), runtime
+        return capture_torch(net, torch.tensor([ids], device=runtime.device), n_queries), len(ids), runtime, net
     import mlx.core as mx
 
     from topkphi.capture import capture_mlx
@@ -60,7 +61,7 @@ def capture_prompt(model: str, backend: str, text: str, n_sink: int, n_tail: int
     net, tokenizer = load_mlx_model(model)
     ids = list(tokenizer.encode(text))
     check_length(len(ids), n_sink, n_tail, n_queries)
-    return capture_mlx(net, mx.array([ids]), n_queries), len(ids), runtime
+    return capture_mlx(net, mx.array([ids]), n_queries), len(ids), runtime, net
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -127,7 +128,7 @@ def _clean(x):
 @click.option("--selection", type=click.Choice(["exact", "page"]), default="page", show_default=True,
               help="How Top-K is found: scoring every key, or Quest-style page bounds.")
 @click.option("--page-size", type=int, default=16, show_default=True)
-@click.option("--feature-map", type=click.Choice(["prf", "taylor2"]), default="prf", show_default=True,
+@click.option("--feature-map", type=click.Choice(["prf", "taylor2", "learned"]), default="prf", show_default=True,
               help="The completion compared with Top-K only.")
 @click.option("--n-features", type=int, default=64, show_default=True, help="Feature-map size m.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random features.")
@@ -140,9 +141,11 @@ def _clean(x):
 @click.option("--json", "json_out", default=None, help="Write the full report as JSON here ('-': stdout, no table).")
 @click.option("--csv", "csv_out", default=None, help="Write one row per head as CSV here.")
 @click.option("--plot", "plot_out", default=None, help="Write PNG heatmaps (layers x heads) of entropy and phi gain.")
+@phi_file_option
 @user_errors
 def inspect_heads(model, prompt_file, text, backend, top_k, n_sink, n_tail, selection, page_size, feature_map,
-                  n_features, seed, n_queries, max_dropped_mass, max_rows, json_out, csv_out, plot_out) -> None:
+                  n_features, seed, n_queries, max_dropped_mass, max_rows, json_out, csv_out, plot_out,
+                  phi_file) -> None:
     """Per layer and head: attention entropy, mass kept by sink + tail + Top-K, and Top-K only vs Top-K + phi."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -154,18 +157,24 @@ def inspect_heads(model, prompt_file, text, backend, top_k, n_sink, n_tail, sele
         raise ValueError("--n-queries must be >= 1")
     if not 0.0 <= max_dropped_mass < 1.0:
         raise ValueError("--max-dropped-mass must be in [0, 1)")
+    check_phi_options(feature_map, phi_file)
     cfg = topkphi.Config(n_sink=n_sink, n_tail=n_tail, top_k=top_k, selection=selection, page_size=page_size,
-                         feature_map=feature_map, n_features=n_features, seed=seed)
+                         feature_map=None if feature_map == "learned" else feature_map, n_features=n_features,
+                         seed=seed)
     prompt = read_prompt(prompt_file, text)
     err = Console(stderr=True, highlight=False)
     with err.status(f"running {model} on the prompt"):
-        layers, n_tokens, runtime = capture_prompt(model, backend, prompt, n_sink, n_tail, n_queries)
+        layers, n_tokens, runtime, net = capture_prompt(model, backend, prompt, n_sink, n_tail, n_queries)
+    layer_cfg = lambda i: cfg  # noqa: E731
+    if phi_file is not None:
+        warn = lambda text: err.print(f"[dim]{text}[/dim]")  # noqa: E731
+        layer_cfg = per_layer_config(cfg, load_layer_maps(phi_file, net, model, runtime.framework, cfg, warn))
     positions = list(range(n_tokens - n_queries, n_tokens))
     rows = []
     columns = (TextColumn("[dim]layers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         for layer, capture in enumerate(progress.track(layers, description="layers")):
-            rows.extend(inspect_layer(capture, layer, positions, cfg, max_dropped_mass))
+            rows.extend(inspect_layer(capture, layer, positions, layer_cfg(layer), max_dropped_mass))
     summary = summarize(rows)
     d, dv = layers[0].k.shape[-1], layers[0].v.shape[-1]
     report = {
@@ -174,8 +183,9 @@ def inspect_heads(model, prompt_file, text, backend, top_k, n_sink, n_tail, sele
         "n_tokens": n_tokens,
         "positions": positions,
         "config": {"n_sink": n_sink, "n_tail": n_tail, "top_k": top_k,
-                   "top_k_matched": topkphi.matched_top_k(cfg, d, dv), "selection": selection,
-                   "page_size": page_size, "feature_map": feature_map, "n_features": n_features, "seed": seed},
+                   "top_k_matched": topkphi.matched_top_k(layer_cfg(0), d, dv), "selection": selection,
+                   "page_size": page_size, "feature_map": feature_map, "n_features": layer_cfg(0).n_features,
+                   "seed": seed, "phi_file": phi_file},
         "max_dropped_mass": max_dropped_mass,
         "summary": summary,
         "heads": [r.as_dict() for r in rows],
