@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from topkphi.commands.calibrate import check_phi_options, phi_file_option
 from topkphi.commands.errors import user_errors
 from topkphi.commands.runtime import RUNTIMES, resolve_runtime
 
@@ -48,14 +49,27 @@ def load_runner(model: str, backend: str):
     return make_runner(runtime.framework, net, tokenizer, kernel), runtime
 
 
+def load_maps(phi_file: str, runner, model: str, framework: str, base, budgets: list[int], warn) -> list:
+    """The phi file's per-layer learned maps, checked against the loaded model (ValueError: one line)."""
+    from topkphi.calibration.phi_file import load_phi
+    from topkphi.commands.calibrate import fingerprint
+
+    maps, meta = load_phi(phi_file, fingerprint(runner.model, model, framework))
+    if (meta.n_sink, meta.n_tail) != (base.n_sink, base.n_tail) or meta.top_k not in budgets:
+        fitted = (meta.n_sink, meta.n_tail, meta.top_k)
+        warn(f"note: {Path(phi_file).name} was fitted for n_sink/n_tail/top_k {fitted}, "
+             f"running with n_sink/n_tail {(base.n_sink, base.n_tail)} and budgets {budgets}")
+    return maps
+
+
 def render(console, report: dict) -> None:
     from rich.table import Table
 
     results = report["results"]
     tasks = report["tasks"]
     for context in report["contexts"]:
-        table = Table(title=f"{report['model']} @ {context} tokens: accuracy % (RULER string match), KL, attn error",
-                      title_justify="left")
+        table = Table(title=f"{report['model']} @ {context} tokens, {_map_name(report)}: accuracy % (RULER string "
+                            "match), KL, attn error", title_justify="left")
         table.add_column("method")
         table.add_column("B", justify="right")
         table.add_column("K / tail", justify="right")
@@ -99,6 +113,12 @@ def render(console, report: dict) -> None:
             console.print(t)
 
 
+def _map_name(report: dict) -> str:
+    cfg = report["config"]
+    name = f"{cfg['feature_map']} phi (m = {cfg['n_features']})"
+    return f"{name}, {Path(cfg['phi_file']).name}" if cfg.get("phi_file") else name
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -132,7 +152,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{report['model']}: matched reads ({report['config']['selection']} selection)")
+    fig.suptitle(f"{report['model']}: matched reads ({report['config']['selection']} selection, {_map_name(report)})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -156,16 +176,19 @@ def plot(report: dict, path: Path) -> None:
 @click.option("--n-tail", type=int, default=64, show_default=True)
 @click.option("--selection", type=click.Choice(["exact", "page"]), default="page", show_default=True)
 @click.option("--page-size", type=int, default=16, show_default=True)
-@click.option("--feature-map", type=click.Choice(["prf", "taylor2"]), default="prf", show_default=True)
+@click.option("--feature-map", type=click.Choice(["prf", "taylor2", "learned"]), default="prf", show_default=True,
+              help="topk+phi's map; learned: per-layer maps from --phi-file (their query-side parameters count as "
+                   "reads, SPEC section 6).")
 @click.option("--n-features", type=int, default=64, show_default=True)
 @click.option("--kl-tokens", type=int, default=32, show_default=True, help="Teacher-forced decode steps per KL window.")
 @click.option("--attn-positions", type=int, default=2, show_default=True,
               help="Decode steps per window for the per-head attention-output error.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@phi_file_option
 @user_errors
 def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backend, n_sink, n_tail, selection,
-                 page_size, feature_map, n_features, kl_tokens, attn_positions, json_out, plot_out) -> None:
+                 page_size, feature_map, n_features, kl_tokens, attn_positions, json_out, plot_out, phi_file) -> None:
     """Accuracy on RULER-style tasks, KL and attention error of each method at matched KV reads."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -173,8 +196,10 @@ def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backen
     import topkphi
     from topkphi.evaluation.harness import EvalSpec, evaluate, n_units
 
+    check_phi_options(feature_map, phi_file)
     base = topkphi.Config(n_sink=n_sink, n_tail=n_tail, selection=selection, page_size=page_size,
-                          feature_map=feature_map, n_features=n_features, seed=seed)
+                          feature_map=None if feature_map == "learned" else feature_map, n_features=n_features,
+                          seed=seed)
     spec = EvalSpec(methods=_names(methods, "--methods"), budgets=_ints(budgets, "--budgets"),
                     tasks=_names(tasks, "--tasks"), contexts=_ints(contexts, "--context"), samples=samples,
                     seed=seed, base=base, kl_tokens=kl_tokens, attn_positions=attn_positions)
@@ -184,6 +209,11 @@ def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backen
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # logs keep whole tables
     err = Console(stderr=True, highlight=False)
     runner, runtime = load_runner(model, backend)
+    if phi_file is not None:
+        spec.maps = load_maps(phi_file, runner, model, runtime.framework, base, spec.budgets,
+                              lambda text: err.print(f"[dim]{text}[/dim]"))
+        spec.validate()
+        n_features = spec.maps[0].n_features
     err.print(f"[dim]{model} on {runtime.device} ({runtime.kernel_backend})[/dim]")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:
@@ -195,7 +225,7 @@ def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backen
         "methods": spec.methods, "budgets": spec.budgets, "tasks": spec.tasks, "contexts": spec.contexts,
         "samples": samples, "seed": seed, "kl_tokens": kl_tokens, "attn_positions": attn_positions,
         "config": {"n_sink": n_sink, "n_tail": n_tail, "selection": selection, "page_size": page_size,
-                   "feature_map": feature_map, "n_features": n_features},
+                   "feature_map": feature_map, "n_features": n_features, "phi_file": phi_file},
         "results": out["results"], "rows": out["rows"],
     }
     render(console, report)

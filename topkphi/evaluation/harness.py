@@ -10,6 +10,10 @@ Every method reads the same token-equivalents per KV head per decode step at a b
   exact attention over the sink and the tail only, and whose reads are exactly ``n_sink + n_tail``;
 - ``dense``: the whole cache, always run (the model's own ceiling).
 
+With learned maps (``EvalSpec.maps``: one calibrated ``FeatureMap`` per layer, from a phi file) topk+phi's
+summary share includes each map's query-side parameters (SPEC section 6), so ``topk`` and ``sink-tail`` get
+correspondingly more; every layer gets its own map, and the matched reads are computed per layer.
+
 The prompt is prefilled once, densely (every method prefills the same way), without its last token;
 each method then gets a copy of that KV cache and decodes the last prompt token and the answer one
 step at a time, so every answer token, the first included, comes from the method's decode steps.
@@ -41,16 +45,41 @@ _ORACLE = NumpyBackend()
 class Policy:
     method: str
     budget: int | None  # None for dense
-    cfg: Config | None  # None for dense
-    planned_reads: float  # token-equivalents per KV head per decode step at the sample's length
+    cfg: Config | None  # None for dense; layer 0's config when the layers differ
+    planned_reads: float  # token-equivalents per KV head per decode step at the sample's length (layer mean)
+    layer_cfgs: tuple[Config, ...] | None = None  # one per layer (learned maps); None: ``cfg`` everywhere
 
     @property
     def label(self) -> str:
         return self.method if self.budget is None else f"{self.method}@{self.budget}"
 
+    def config(self, layer: int) -> Config | None:
+        return self.cfg if self.layer_cfgs is None else self.layer_cfgs[layer]
 
-def policy(method: str, budget: int | None, base: Config, n_tokens: int, d: int, dv: int) -> Policy:
-    """``method`` at budget ``budget`` for a context of ``n_tokens``, matched to topk+phi's reads."""
+    @property
+    def engine_cfg(self):
+        """What the generation engines take: one ``Config`` (or None: dense) or ``layer_idx -> Config``."""
+        return self.cfg if self.layer_cfgs is None else self.config
+
+
+def policy(method: str, budget: int | None, base: Config, n_tokens: int, d: int, dv: int,
+           maps: list | None = None) -> Policy:
+    """``method`` at budget ``budget`` for a context of ``n_tokens``, matched to topk+phi's reads.
+
+    ``maps``: one learned ``FeatureMap`` per layer; each layer's topk+phi uses its map, and the other methods
+    are matched to that layer's reads (its summary includes the map's query-side parameters)."""
+    if maps is None or method == "dense":
+        return _policy(method, budget, base, n_tokens, d, dv)
+    per_layer = [_policy(method, budget, base.replace(feature_map=fmap, n_features=fmap.n_features), n_tokens, d, dv)
+                 for fmap in maps]
+    cfgs = tuple(p.cfg for p in per_layer)
+    planned = float(np.mean([p.planned_reads for p in per_layer]))
+    if method != "topk+phi" and all(c == cfgs[0] for c in cfgs):  # no map in them: one config serves every layer
+        return Policy(method, budget, cfgs[0], planned)
+    return Policy(method, budget, cfgs[0], planned, cfgs)
+
+
+def _policy(method: str, budget: int | None, base: Config, n_tokens: int, d: int, dv: int) -> Policy:
     if method == "dense":
         return Policy("dense", None, None, float(n_tokens))
     phi = base.replace(top_k=budget)
@@ -160,7 +189,7 @@ class TorchRunner:
         from topkphi.generation.torch_engine import TorchEngine
 
         backend = SinkTailBackend(self.kernel) if pol.method == "sink-tail" else self.kernel
-        engine = TorchEngine(self.model, self.tokenizer, pol.cfg, None if pol.cfg is None else backend)
+        engine = TorchEngine(self.model, self.tokenizer, pol.engine_cfg, None if pol.cfg is None else backend)
         engine.cache = engine._new_cache()
         with torch.inference_mode():
             for i, (k, v) in enumerate(snapshot):
@@ -215,7 +244,7 @@ class MLXRunner:
         from topkphi.integrations.mlx_lm import cache_totals
 
         backend = SinkTailBackend(self.kernel) if pol.method == "sink-tail" else self.kernel
-        engine = MLXEngine(self.model, self.tokenizer, pol.cfg, None if pol.cfg is None else backend)
+        engine = MLXEngine(self.model, self.tokenizer, pol.engine_cfg, None if pol.cfg is None else backend)
         engine.cache = engine._new_cache()
         for c, (k, v) in zip(engine.cache, snapshot):
             c.update_and_fetch(k, v)
@@ -262,6 +291,7 @@ class EvalSpec:
     base: Config = field(default_factory=Config)
     kl_tokens: int = 32
     attn_positions: int = 2
+    maps: list | None = None  # learned FeatureMaps, one per layer (a phi file); None: ``base``'s feature map
 
     def validate(self) -> None:
         for m in self.methods:
@@ -283,12 +313,17 @@ class EvalSpec:
             raise ValueError("--kl-tokens and --attn-positions must be >= 1")
         if not (self.methods and self.budgets and self.tasks and self.contexts):
             raise ValueError("--methods, --budgets, --tasks and --context need at least one value each")
+        if self.maps is not None:
+            if not self.maps:
+                raise ValueError("the phi file holds no layers")
+            if any(getattr(f, "kind", None) != "learned" for f in self.maps):
+                raise ValueError("EvalSpec.maps takes learned feature maps, one per layer")
 
     def policies(self, n_tokens: int, d: int, dv: int) -> list[Policy]:
         """Dense first (always: the reference), then every other method at every budget."""
         out = [policy("dense", None, self.base, n_tokens, d, dv)]
         for budget in self.budgets:
-            out += [policy(m, budget, self.base, n_tokens, d, dv) for m in self.methods if m != "dense"]
+            out += [policy(m, budget, self.base, n_tokens, d, dv, self.maps) for m in self.methods if m != "dense"]
         return out
 
 
@@ -376,13 +411,13 @@ def run_attn(runner, spec: EvalSpec, sample: Sample, tick) -> list[dict]:
     entropy: list[np.ndarray] = []
     errors: dict[str, list[np.ndarray]] = {p.label: [] for p in policies[1:]}
     reads: dict[str, list[float]] = {p.label: [] for p in policies[1:]}
-    for cap in captures:
+    for layer, cap in enumerate(captures):
         for position in range(n - spec.attn_positions, n):
             q, k, v = (np.asarray(x, np.float64) for x in cap.decode_step(position))
             ref = _ORACLE.dense(q, k, v, cap.scale)
             entropy.append(normalized_entropy(attention_probs(q[0], k[0], cap.scale)))
             for pol in spec.policies(position + 1, runner.d, runner.dv)[1:]:
-                cfg = pol.cfg.replace(scale=cap.scale)
+                cfg = pol.config(layer).replace(scale=cap.scale)
                 if pol.method == "sink-tail":
                     out = SinkTailBackend(_ORACLE).decode(q, k, v, None, cfg)[0]
                     te = pol.planned_reads
