@@ -82,21 +82,19 @@ def graph_ms(fn, reps: int):
 
 
 def page_stages(be, q, k, v, summary, cfg, reps: int):
-    """(before eager, before graph, after eager, after graph, bound, topk, select, attend, after graph with
-    a single torch.topk per row instead of the default two-stage one) in ms; stages are graph replays."""
+    """Per-stage page selection times in ms (graph replays unless named eager):
+    (topk step, threshold step eager, threshold step, bound + sub-block maxima, threshold select, attend).
+    "topk" is the previous path (bound, torch.topk, read-index kernel); "threshold" the default."""
     from topkphi.backends.torch_ops import PhiTensors
-    from topkphi.backends.triton_backend import TritonBackend
-    from topkphi.backends.triton_select import page_bounds
+    from topkphi.backends.triton_select import SUB_BLOCK, page_bounds
 
-    old = TritonBackend(fast_select=False)
-    before = functools.partial(old.decode, q, k, v, summary, cfg)
-    after = functools.partial(be.decode, q, k, v, summary, cfg)
+    step = functools.partial(be.decode, q, k, v, summary, cfg)
+    os.environ["TOPKPHI_PAGE_SELECT"] = "topk"  # read when the step is captured
+    topk_step = graph_ms(step, reps)
+    os.environ["TOPKPHI_PAGE_SELECT"] = "threshold"
     d = q.shape[-1]
     tau = cfg.tau(d)
-    bound = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau)
-    u = bound()
-    n_take = n_selected_pages(cfg.top_k, cfg.page_size, summary.n_pages)
-    topk = functools.partial(torch.topk, u, n_take + 1, dim=-1, sorted=False)
+    bound = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau, sub_block=SUB_BLOCK)
     select = functools.partial(be.select, q, k, summary, cfg)
     reads = select()
     phi = None
@@ -105,11 +103,10 @@ def page_stages(be, q, k, v, summary, cfg, reps: int):
         kind, norm_coef, w_q, b_q, w_k, b_k = be._map_tensors(fmap, q.device)
         phi = PhiTensors(kind, norm_coef, w_q, b_q, w_k, b_k, summary.s, summary.z, summary.c_max, None)
     attend = functools.partial(be.attend, q, k, v, reads, phi, tau)
-    os.environ["TOPKPHI_TOPK_CHUNK"] = "0"  # read when the step is captured: one topk over each row
-    two_stage = graph_ms(after, reps)
-    del os.environ["TOPKPHI_TOPK_CHUNK"]
-    return (median_ms(before, reps), graph_ms(before, reps), median_ms(after, reps), graph_ms(after, reps),
-            graph_ms(bound, reps), graph_ms(topk, reps), graph_ms(select, reps), graph_ms(attend, reps), two_stage)
+    out = (topk_step, median_ms(step, reps), graph_ms(step, reps), graph_ms(bound, reps), graph_ms(select, reps),
+           graph_ms(attend, reps))
+    del os.environ["TOPKPHI_PAGE_SELECT"]
+    return out
 
 
 def main() -> None:
@@ -166,16 +163,15 @@ def main() -> None:
               f"{'-' if graph is None else f'{graph:9.4f}':>9s} {nbytes / 1e6:8.2f} {nbytes / best / 1e6:6.0f} "
               f"{dense_ms / best:7.2f}")
     if stages:
-        print("\npage selection per stage, ms (g = CUDA-graph replay, e = eager); before = torch selection "
-              "(TritonBackend(fast_select=False)), after = Triton selection path")
-        print(f"{'N':>7s} {'method':>10s} {'top_k':>5s} {'before e':>9s} {'before g':>9s} {'after e':>8s} "
-              f"{'after g':>8s} {'bound g':>8s} {'topk g':>7s} {'select g':>8s} {'attend g':>8s} {'1stg g':>7s} "
-              f"{'x dense':>7s}")
+        print("\npage selection per stage, us (g = CUDA-graph replay, e = eager); topk = bound + torch.topk + "
+              "read-index kernel, thr = bound with sub-block maxima + threshold select kernel (default)")
+        print(f"{'N':>7s} {'method':>10s} {'top_k':>5s} {'dense':>7s} {'topk g':>7s} {'thr e':>7s} {'thr g':>7s} "
+              f"{'bound g':>7s} {'select g':>8s} {'attend g':>8s} {'x dense':>7s}")
         for n, method, top_k, dense_ms, *t in stages:
-            f = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
-            best = min(x for x in (t[2], t[3]) if x is not None)
-            print(f"{n:>7d} {method:>10s} {top_k:>5d} {f(t[0]):>9s} {f(t[1]):>9s} {f(t[2]):>8s} {f(t[3]):>8s} "
-                  f"{f(t[4]):>8s} {f(t[5]):>7s} {f(t[6]):>8s} {f(t[7]):>8s} {f(t[8]):>7s} {dense_ms / best:7.2f}")
+            f = lambda x: "-" if x is None else f"{1000 * x:.1f}"  # noqa: E731
+            best = min(x for x in (t[1], t[2]) if x is not None)
+            print(f"{n:>7d} {method:>10s} {top_k:>5d} {1000 * dense_ms:7.1f} {f(t[0]):>7s} {f(t[1]):>7s} "
+                  f"{f(t[2]):>7s} {f(t[3]):>7s} {f(t[4]):>8s} {f(t[5]):>8s} {dense_ms / best:7.2f}")
     print(f"HBM copy {copy_gbs:.0f} GB/s; ms are medians of {args.reps} CUDA-event timings after warm-up")
     print("command: python " + " ".join(sys.argv))
 

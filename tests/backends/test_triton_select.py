@@ -221,7 +221,54 @@ def test_two_stage_topk_selects_the_same_pages(mode):
     be = TritonBackend()
     summary = be.build_summary(tk, tk, cfg)
     regions = Regions.of(n_tokens, 4, 9)
-    one = page_read_set(tq, summary, cfg.tau(16), 5, page, regions, topk_chunk=0)
-    two = page_read_set(tq, summary, cfg.tau(16), 5, page, regions, topk_chunk=64)
+    one = page_read_set(tq, summary, cfg.tau(16), 5, page, regions, topk_chunk=0, selector="topk")
+    two = page_read_set(tq, summary, cfg.tau(16), 5, page, regions, topk_chunk=64, selector="topk")
     assert torch.equal(one.idx, two.idx) and torch.equal(one.n_selected, two.n_selected)
     assert torch.equal(one.idx, TORCH.select(tq, tk, summary, cfg).idx)
+
+
+@pytest.mark.parametrize("tile", [4096, 64])  # 64: the kernel's chunked paths (many sub-blocks, many ties)
+@pytest.mark.parametrize(
+    "mode,n_pages,n_take",
+    [
+        ("random", 700, 37),
+        ("random", 20000, 129),  # sub-block maxima span two chunks of the bisection
+        ("random", 90, 60),  # fewer sub-blocks than chosen pages: every page is a candidate
+        ("coarse", 3000, 100),  # few distinct bounds: long runs of ties around the cut
+        ("all-equal", 5000, 64),  # every page a candidate, more than one chunk of them
+        ("one-hot-blocks", 4000, 50),  # winners packed into few sub-blocks
+    ],
+)
+def test_threshold_selection_equals_topk_and_torch(mode, n_pages, n_take, tile):
+    """The threshold selector (sub-block maxima, bisection, no sort) picks the SPEC's pages: the same
+    read index as the torch twin and the topk selector, on separated, tied and adversarial bounds."""
+    from topkphi.backends.triton_select import page_read_set
+    from topkphi.regions import Regions
+
+    rng = np.random.default_rng(n_pages + n_take)
+    page, d, n_sink, n_tail = 4, 8, 3, 5
+    n_tokens = n_sink + page * n_pages - 2 + n_tail  # partial first and last page
+    q = rng.standard_normal((1, 6, d))
+    k = rng.standard_normal((1, 2, n_tokens, d))
+    if mode == "coarse":
+        q, k = np.round(q), np.round(k / 2)
+    elif mode == "all-equal":
+        q = np.ones_like(q)
+        k[:] = 0.0
+    elif mode == "one-hot-blocks":
+        k *= 0.01
+        hot = rng.choice(n_pages // 8, size=7, replace=False) * 8 * page + n_sink
+        for start in hot:
+            k[:, :, start : start + 8 * page] += np.sign(q.reshape(1, 2, 3, d).sum(2))[:, :, None]
+    tq, tk = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in (q, k))
+    cfg = topkphi.Config(n_sink=n_sink, n_tail=n_tail, top_k=n_take * page, selection="page", page_size=page,
+                         feature_map=None)
+    summary = TritonBackend().build_summary(tk, tk, cfg)
+    assert summary.n_pages == n_pages + 1 or summary.n_pages == n_pages
+    regions = Regions.of(n_tokens, n_sink, n_tail)
+    ours = page_read_set(tq, summary, cfg.tau(d), n_take, page, regions, selector="threshold", tile=tile)
+    theirs = page_read_set(tq, summary, cfg.tau(d), n_take, page, regions, selector="topk")
+    twin = TORCH.select(tq, tk, summary, cfg)
+    assert torch.equal(ours.idx, twin.idx) and torch.equal(ours.n_selected, twin.n_selected)
+    assert torch.equal(ours.idx, theirs.idx) and torch.equal(ours.n_read32, theirs.n_read32)
+    assert torch.equal(ours.token_equivalents, theirs.token_equivalents)

@@ -15,9 +15,11 @@ import torch
 import triton
 
 from topkphi.backends.torch_ops import ReadSet
-from topkphi.kernels.triton_select import page_bounds_kernel, read_index_kernel
+from topkphi.kernels.triton_select import page_bounds_kernel, read_index_kernel, select_pages_kernel
 
 MAX_TILE = 1 << 15  # chosen pages x page size handled by one read-index program
+SUB_BLOCK = 16  # pages per sub-block maximum that the threshold selection bisects on
+TILE = 4096  # sub-block maxima, and candidate pages, that the threshold kernel holds in registers
 
 
 @dataclass
@@ -35,26 +37,35 @@ def _p2(n: int, lo: int = 1) -> int:
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: float, block_p: int = 64,
-                row: int | None = None):
+                row: int | None = None, sub_block: int = 0):
     """``u [B, Hkv, n_pages]`` fp32 (SPEC 3): ``q [B,Hq,d]``, ``kmin``/``kmax [B,Hkv,n_pages,d]``,
     any float dtype and strides; query head h belongs to KV head ``h // (Hq // Hkv)``.
-    ``row >= n_pages`` pads each row to that length with -inf (returns ``[B, Hkv, row]``)."""
+    ``row >= n_pages`` pads each row to that length with -inf (returns ``[B, Hkv, row]``).
+    ``sub_block > 0`` (a power of two <= 16) returns ``(u, bm)`` with ``bm [B, Hkv, >= cdiv(n_pages,
+    sub_block)]`` the maxima of consecutive runs of ``sub_block`` pages (-inf past the row)."""
     B, Hq, D = q.shape
     Hkv, n_pages = kmin.shape[1], kmin.shape[2]
     if Hq % Hkv or kmin.shape != kmax.shape or kmin.shape[0] != B or kmin.shape[3] != D:
         raise ValueError(f"shapes q {tuple(q.shape)}, kmin {tuple(kmin.shape)}, kmax {tuple(kmax.shape)}")
     row = n_pages if row is None else max(row, n_pages)
-    u = torch.empty(B, Hkv, row, dtype=torch.float32, device=q.device)
-    if row == 0 or B * Hkv == 0:
-        return u
-    bd = _p2(D, 16)
+    # rows padded to multiples of 16 (with -inf): a row stride that moves with the context would
+    # either recompile the kernels or cost them their vectorized accesses
+    u = torch.empty(B, Hkv, _round16(row), dtype=torch.float32, device=q.device)
     block_p = min(block_p, _p2(row, 16))
-    grid = (B * Hkv, triton.cdiv(row, block_p))
-    page_bounds_kernel[grid](
-        q, kmin, kmax, u, *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, n_pages, row, D, float(tau),
-        G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=bd, num_warps=8 if block_p * bd >= 8192 else 4,
-    )
-    return u
+    n_blocks = triton.cdiv(row, block_p)
+    bm = torch.empty(B, Hkv, _round16(n_blocks * block_p // max(1, sub_block)), dtype=torch.float32, device=q.device)
+    if row > 0 and B * Hkv > 0:
+        page_bounds_kernel[(B * Hkv, n_blocks)](
+            q, kmin, kmax, u, bm, bm.shape[-1], *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, n_pages,
+            u.shape[-1], D, float(tau), G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=_p2(D, 16), SB=sub_block,
+            num_warps=8 if block_p * _p2(D, 16) >= 8192 else 4,
+        )
+    u = u[..., :row]
+    return (u, bm) if sub_block else u
+
+
+def _round16(n: int) -> int:
+    return max(16, -(-n // 16) * 16)
 
 
 def fits(n_take: int, page_size: int) -> bool:
@@ -63,8 +74,15 @@ def fits(n_take: int, page_size: int) -> bool:
 
 
 def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, te_summary=0.0, te_selection=0.0,
-                  topk_chunk: int | None = None):
+                  topk_chunk: int | None = None, selector: str | None = None, tile: int = TILE):
     """Page selection of one step (SPEC 3) as a ``PageReadSet``; needs ``n_take < n_pages``.
+
+    ``selector``: ``"threshold"`` (default): the bound kernel also writes sub-block maxima and one
+    kernel per head thresholds, bisects and writes the read index (``select_pages_kernel``: two
+    launches, no sort of the row); ``"topk"``: ``torch.topk`` over the bounds, then the read-index
+    kernel. None reads ``TOPKPHI_PAGE_SELECT``. Both give the SPEC's pages exactly. ``tile``: how many
+    sub-block maxima and candidate pages the threshold kernel keeps in registers (a power of two >=
+    ``SUB_BLOCK``); rows past it take the kernel's chunked path (tests shrink it to reach that path).
 
     ``regions``: ``topkphi.regions.Regions`` of the cache; ``te_summary``/``te_selection``: the
     token-equivalents of the summary and of the metadata read (SPEC 6), added to ``n_read``.
@@ -78,22 +96,11 @@ def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, 
     B, Hkv, n_pages = kmin.shape[:3]
     if not 0 < n_take < n_pages:
         raise ValueError(f"page_read_set needs 0 < n_take < n_pages, got {n_take} of {n_pages}")
+    if selector is None:
+        selector = os.environ.get("TOPKPHI_PAGE_SELECT", "threshold")
+    if selector not in ("threshold", "topk"):
+        raise ValueError(f"selector must be 'threshold' or 'topk', got {selector!r}")
     dev = q.device
-    if topk_chunk is None:
-        topk_chunk = int(os.environ.get("TOPKPHI_TOPK_CHUNK", "2048"))
-    n_cand = n_take + 1
-    two_stage = topk_chunk > 4 * n_cand and n_pages >= 4 * topk_chunk
-    if two_stage:
-        n_chunks = triton.cdiv(n_pages, topk_chunk)
-        u = page_bounds(q, kmin, kmax, tau, row=n_chunks * topk_chunk)
-        wins, first = torch.topk(u.view(B, Hkv, n_chunks, topk_chunk), n_cand, dim=-1, sorted=False)
-        first = first.reshape(B, Hkv, n_chunks * n_cand)
-        vals, cand = torch.topk(wins.reshape(B, Hkv, -1), n_cand, dim=-1, sorted=False)
-    else:
-        u = page_bounds(q, kmin, kmax, tau)
-        vals, cand = torch.topk(u, n_cand, dim=-1, sorted=False)
-        first = cand
-    vals, cand, first = vals.contiguous(), cand.contiguous(), first.contiguous()
     n_anchor = regions.n_anchor
     R = n_anchor + n_take * page_size
     block_k = _p2(n_take + 1)
@@ -104,13 +111,39 @@ def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, 
     n_read32 = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
     n_anchor32 = torch.empty_like(n_read32)
     te = torch.empty(B, Hkv, dtype=torch.float32, device=dev)
+    outputs = (idx, n_sel, n_read, n_read32, n_anchor32, te)
+    common = (n_take, R, summary.first_page, page_size, regions.sink_end, regions.mid_start, regions.mid_end,
+              n_anchor, float(te_summary), float(te_selection))
+    blocks = dict(BLOCK_K=block_k, BLOCK_T=_p2(page_size), BLOCK_A=_p2(n_anchor), BLOCK_PAD=_p2(2 * page_size))
+    if selector == "threshold":
+        u, bm = page_bounds(q, kmin, kmax, tau, sub_block=SUB_BLOCK)
+        n_sb = triton.cdiv(n_pages, SUB_BLOCK)
+        work = torch.empty(rows, 2 * n_pages + n_sb, dtype=torch.int64, device=dev)
+        pages = torch.empty(rows, block_k, dtype=torch.int32, device=dev)
+        select_pages_kernel[(rows,)](
+            u, bm, work, pages, *outputs, n_pages, u.stride(-2), n_sb, bm.stride(-2), *common,
+            SB=SUB_BLOCK, CH=tile, CHS=tile // SUB_BLOCK, **blocks, num_warps=8,
+        )
+        return PageReadSet(idx, n_read, n_sel, n_anchor, False, n_read32, n_anchor32, te)
+    if topk_chunk is None:
+        topk_chunk = int(os.environ.get("TOPKPHI_TOPK_CHUNK", "2048"))
+    n_cand = n_take + 1
+    two_stage = topk_chunk > 4 * n_cand and n_pages >= 4 * topk_chunk
+    if two_stage:
+        n_chunks = triton.cdiv(n_pages, topk_chunk)
+        u = page_bounds(q, kmin, kmax, tau, row=n_chunks * topk_chunk)
+        wins, first = torch.topk(u.reshape(B, Hkv, n_chunks, topk_chunk), n_cand, dim=-1, sorted=False)
+        first = first.reshape(B, Hkv, n_chunks * n_cand)
+        vals, cand = torch.topk(wins.reshape(B, Hkv, -1), n_cand, dim=-1, sorted=False)
+    else:
+        u = page_bounds(q, kmin, kmax, tau)
+        vals, cand = torch.topk(u, n_cand, dim=-1, sorted=False)
+        first = cand
+    vals, cand, first = vals.contiguous(), cand.contiguous(), first.contiguous()
     scratch = torch.empty(rows, block_k, dtype=torch.int32, device=dev)
     read_index_kernel[(rows,)](
-        vals, cand, first, u, scratch, idx, n_sel, n_read, n_read32, n_anchor32, te,
-        n_pages, u.shape[-1], n_cand, first.shape[-1], max(1, topk_chunk), n_take, R, summary.first_page, page_size,
-        regions.sink_end, regions.mid_start, regions.mid_end, n_anchor,
-        float(te_summary), float(te_selection),
-        BLOCK_K=block_k, BLOCK_T=_p2(page_size), BLOCK_A=_p2(n_anchor), BLOCK_PAD=_p2(2 * page_size),
-        BLOCK_S=1024, TWO_STAGE=two_stage, num_warps=4,
+        vals, cand, first, u, scratch, *outputs,
+        n_pages, u.stride(-2), n_cand, first.shape[-1], max(1, topk_chunk), *common,
+        **blocks, BLOCK_S=1024, TWO_STAGE=two_stage, num_warps=4,
     )
     return PageReadSet(idx, n_read, n_sel, n_anchor, False, n_read32, n_anchor32, te)

@@ -21,13 +21,17 @@ import triton.language as tl
 
 
 # sizes that move with the context would otherwise recompile the kernel whenever their
-# divisibility by 16 changes: a second of compilation in the middle of a chat
-@triton.jit(do_not_specialize=["n_pages", "u_stride", "snb", "snh", "sxb", "sxh"])
+# divisibility by 16 changes: a second of compilation in the middle of a chat. Strides stay
+# specialized: the launchers pad rows to multiples of 16 and cache strides carry a factor d, and
+# without the divisibility hint every metadata load is a scalar 2-byte load (4x slower, measured)
+@triton.jit(do_not_specialize=["n_pages"])
 def page_bounds_kernel(
     q_ptr,
     kmin_ptr,
     kmax_ptr,
     u_ptr,
+    bm_ptr,
+    bm_stride,
     sqb,
     sqh,
     sqd,
@@ -47,6 +51,7 @@ def page_bounds_kernel(
     G: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SB: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pb = tl.program_id(1)
@@ -68,11 +73,15 @@ def page_bounds_kernel(
         s = tl.sum(tl.maximum(qg[None, :] * kmn, qg[None, :] * kmx), axis=1)
         u = tl.maximum(u, s)
     # entries past n_pages (row padding for a chunked topk) hold -inf
-    tl.store(u_ptr + bh.to(tl.int64) * u_stride + offs_p, tl.where(p_ok, u * tau, float("-inf")),
-             mask=offs_p < u_stride)
+    u = tl.where(p_ok, u * tau, float("-inf"))
+    tl.store(u_ptr + bh.to(tl.int64) * u_stride + offs_p, u, mask=offs_p < u_stride)
+    if SB > 0:  # maxima of sub-blocks of SB pages: what select_pages_kernel thresholds on
+        bm = tl.max(tl.reshape(u, [BLOCK_P // SB, SB]), axis=1)
+        offs_b = pb * (BLOCK_P // SB) + tl.arange(0, BLOCK_P // SB)
+        tl.store(bm_ptr + bh.to(tl.int64) * bm_stride + offs_b, bm, mask=offs_b < bm_stride)
 
 
-@triton.jit(do_not_specialize=["n_pages", "u_stride", "n_first", "first_page", "sink_end", "mid_start", "mid_end"])
+@triton.jit(do_not_specialize=["n_pages", "n_first", "first_page", "sink_end", "mid_start", "mid_end"])
 def read_index_kernel(
     vals_ptr,
     cand_ptr,
@@ -139,7 +148,18 @@ def read_index_kernel(
         tl.debug_barrier()
         keys = tl.load(base + ck, mask=ck < n_take, other=big)
     keys = tl.sort(keys)  # ascending: the n_take chosen pages first
+    _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read_ptr, n_read32_ptr, n_anchor32_ptr, te_ptr, n_take,
+                      R, first_page, page_size, sink_end, mid_start, mid_end, n_anchor, te_summary, te_selection,
+                      BLOCK_K, BLOCK_T, BLOCK_A, BLOCK_PAD)
 
+
+@triton.jit
+def _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read_ptr, n_read32_ptr, n_anchor32_ptr, te_ptr, n_take,
+                      R, first_page, page_size, sink_end, mid_start, mid_end, n_anchor, te_summary, te_selection,
+                      BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr,
+                      BLOCK_PAD: tl.constexpr):
+    """Expand the chosen pages (``keys [BLOCK_K]``, ascending, the first ``n_take`` valid) into the
+    read index ``[anchors | mid tokens ascending | -1 ...]`` and store the step's counts."""
     # tokens of the chosen pages, clipped to mid; only page 0 (start) and the last page (end)
     # can be partial, so dropping page 0's leading tokens is the only shift
     j = tl.arange(0, BLOCK_K)[:, None]
@@ -164,3 +184,177 @@ def read_index_kernel(
     tl.store(n_read32_ptr + bh, n_read.to(tl.int32))
     tl.store(n_anchor32_ptr + bh, (n_sel * 0 + n_anchor).to(tl.int32))
     tl.store(te_ptr + bh, (n_read.to(tl.float32) + te_summary) + te_selection)
+
+
+@triton.jit
+def _order_key(x):
+    """float32 -> int64 in [0, 2**32), increasing with x; -0.0 and +0.0 share a key."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _kth_largest_key(ptr, n, kth, CH: tl.constexpr):
+    """The ``kth`` largest of ``n >= kth`` keys at ``ptr``, bit by bit from the top, a chunk at a
+    time from memory: the slow path, for rows with many ties or more than a tile of sub-blocks."""
+    offs = tl.arange(0, CH)
+    x = tl.full([], 0, tl.int64)
+    step = tl.full([], 2147483648, tl.int64)
+    for _ in range(32):
+        c = x + step
+        cnt = tl.full([], 0, tl.int32)
+        for start in range(0, n, CH):
+            o = start + offs
+            cnt += tl.sum((tl.load(ptr + o, mask=o < n, other=0) >= c).to(tl.int32), axis=0)
+        x = tl.where(cnt >= kth, c, x)
+        step = step // 2
+    return x
+
+
+@triton.jit
+def _kth_largest_tile(keys, kth, lo, hi):
+    """The ``kth`` largest of a register tile of keys (padding 0), by bisection on ``[lo, hi)`` with
+    ``count(keys >= lo) >= kth > count(keys >= hi)``: about log2(hi - lo) reductions."""
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        ge = tl.sum((keys >= mid).to(tl.int32), axis=0) >= kth
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(ge, hi, mid)
+    return lo
+
+
+@triton.jit(do_not_specialize=["n_pages", "n_sb", "first_page", "sink_end", "mid_start", "mid_end"])
+def select_pages_kernel(
+    u_ptr,
+    bm_ptr,
+    work_ptr,
+    pages_ptr,
+    idx_ptr,
+    n_sel_ptr,
+    n_read_ptr,
+    n_read32_ptr,
+    n_anchor32_ptr,
+    te_ptr,
+    n_pages,
+    u_stride,
+    n_sb,
+    bm_stride,
+    n_take,
+    R,
+    first_page,
+    page_size,
+    sink_end,
+    mid_start,
+    mid_end,
+    n_anchor,
+    te_summary,
+    te_selection,
+    SB: tl.constexpr,
+    CH: tl.constexpr,
+    CHS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_PAD: tl.constexpr,
+):
+    """The ``n_take`` pages of largest bound, ties to the smaller page, without a sort of the row.
+
+    1. ``t`` = the n_take-th largest sub-block maximum. Those n_take sub-blocks hold n_take distinct
+       pages with bound >= t, so every chosen page has bound >= t: a safe threshold.
+    2. Only the sub-blocks whose maximum reaches ``t`` are read again (about n_take of them), as one
+       register tile in page order; every page outside them is below ``t``.
+    3. ``m`` = the n_take-th largest bound in the tile (the value at the cut), by bisection on keys.
+    4. Chosen = bound > m, then the first pages with bound == m in page order: the SPEC's ties,
+       already in page order, so nothing is sorted.
+    Rows with more than CH sub-blocks or more than CHS candidate sub-blocks (long runs of ties) take
+    a chunked path through ``work_ptr`` (int64 ``[rows, 2 * n_pages + n_sb]``): slower, same pages."""
+    bh = tl.program_id(0)
+    row = bh.to(tl.int64)
+    u_row = u_ptr + row * u_stride
+    bm_row = bm_ptr + row * bm_stride
+    keys_ptr = work_ptr + row * (2 * n_pages + n_sb)
+    cpage_ptr = keys_ptr + n_pages
+    sbc_ptr = cpage_ptr + n_pages
+    pages_row = pages_ptr + row * BLOCK_K
+    offs = tl.arange(0, CH)
+
+    # 1. the safe threshold (key 0 sits below every page: with too few sub-blocks, all pages are candidates)
+    sb_ok = offs < n_sb
+    bm_keys = tl.where(sb_ok, _order_key(tl.load(bm_row + offs, mask=sb_ok, other=0.0)), 0)
+    t_key = tl.full([], 0, tl.int64)
+    if n_sb >= n_take:
+        if n_sb <= CH:
+            t_key = _kth_largest_tile(bm_keys, n_take, tl.min(tl.where(sb_ok, bm_keys, 4294967296), axis=0),
+                                      tl.max(bm_keys, axis=0) + 1)
+        else:
+            for start in range(0, n_sb, CH):
+                o = start + offs
+                tl.store(sbc_ptr + o, _order_key(tl.load(bm_row + o, mask=o < n_sb, other=0.0)), mask=o < n_sb)
+            tl.debug_barrier()
+            t_key = _kth_largest_key(sbc_ptr, n_sb, n_take, CH)
+            tl.debug_barrier()
+
+    # 2. the sub-blocks that reach t, compacted in order
+    hit = sb_ok & (bm_keys >= t_key)
+    tl.store(sbc_ptr + tl.cumsum(hit.to(tl.int32), axis=0) - 1, offs.to(tl.int64), mask=hit)
+    n_csb = tl.sum(hit.to(tl.int32), axis=0)
+    for start in range(CH, n_sb, CH):
+        o = start + offs
+        ok = o < n_sb
+        hit = ok & (_order_key(tl.load(bm_row + o, mask=ok, other=float("-inf"))) >= t_key)
+        tl.store(sbc_ptr + n_csb + tl.cumsum(hit.to(tl.int32), axis=0) - 1, o.to(tl.int64), mask=hit)
+        n_csb += tl.sum(hit.to(tl.int32), axis=0)
+    tl.debug_barrier()
+
+    js = tl.arange(0, CHS)[:, None]
+    ii = tl.arange(0, SB)[None, :]
+    if n_csb <= CHS:
+        # 3-4 on one register tile of [candidate sub-block, page], in page order
+        sb = tl.load(sbc_ptr + js, mask=js < n_csb, other=0)
+        page = tl.reshape(sb * SB + ii, [CHS * SB])
+        ok = tl.reshape((js < n_csb) & (ii < SB), [CHS * SB]) & (page < n_pages)
+        key = tl.where(ok, _order_key(tl.load(u_row + page, mask=ok, other=0.0)), 0)
+        m_key = _kth_largest_tile(key, n_take, t_key, tl.max(key, axis=0) + 1)
+        need = n_take - tl.sum((key > m_key).to(tl.int32), axis=0)
+        eq = key == m_key
+        chosen = (key > m_key) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
+        tl.store(pages_row + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, page.to(tl.int32), mask=chosen)
+    else:
+        # the pages at or above t, compacted into work, then the same steps chunk by chunk
+        n_cand = tl.full([], 0, tl.int32)
+        for start in range(0, n_csb, CHS):
+            jj = start + js
+            sb = tl.load(sbc_ptr + jj, mask=jj < n_csb, other=0)
+            page = tl.reshape(sb * SB + ii, [CHS * SB])
+            ok = tl.reshape((jj < n_csb) & (ii < SB), [CHS * SB]) & (page < n_pages)
+            key = _order_key(tl.load(u_row + page, mask=ok, other=float("-inf")))
+            hit = ok & (key >= t_key)
+            rank = n_cand + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+            tl.store(keys_ptr + rank, key, mask=hit)
+            tl.store(cpage_ptr + rank, page, mask=hit)
+            n_cand += tl.sum(hit.to(tl.int32), axis=0)
+        tl.debug_barrier()
+        m_key = _kth_largest_key(keys_ptr, n_cand, n_take, CH)
+        n_gt = tl.full([], 0, tl.int32)
+        for start in range(0, n_cand, CH):
+            o = start + offs
+            n_gt += tl.sum(((o < n_cand) & (tl.load(keys_ptr + o, mask=o < n_cand, other=0) > m_key)).to(tl.int32))
+        need = n_take - n_gt
+        n_eq = tl.full([], 0, tl.int32)
+        n_chosen = tl.full([], 0, tl.int32)
+        for start in range(0, n_cand, CH):
+            o = start + offs
+            ok = o < n_cand
+            key = tl.load(keys_ptr + o, mask=ok, other=0)
+            eq = ok & (key == m_key)
+            chosen = ok & ((key > m_key) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), axis=0) <= need)))
+            rank = n_chosen + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+            tl.store(pages_row + rank, tl.load(cpage_ptr + o, mask=chosen, other=0).to(tl.int32), mask=chosen)
+            n_eq += tl.sum(eq.to(tl.int32), axis=0)
+            n_chosen += tl.sum(chosen.to(tl.int32), axis=0)
+    tl.debug_barrier()
+    kk = tl.arange(0, BLOCK_K)
+    keys = tl.load(pages_row + kk, mask=kk < n_take, other=n_pages)  # ascending already
+    _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read_ptr, n_read32_ptr, n_anchor32_ptr, te_ptr, n_take,
+                      R, first_page, page_size, sink_end, mid_start, mid_end, n_anchor, te_summary, te_selection,
+                      BLOCK_K, BLOCK_T, BLOCK_A, BLOCK_PAD)
