@@ -37,7 +37,7 @@ def _p2(n: int, lo: int = 1) -> int:
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: float, block_p: int = 64,
-                row: int | None = None, sub_block: int = 0):
+                row: int | None = None, sub_block: int = 0, num_warps: int | None = None):
     """``u [B, Hkv, n_pages]`` fp32 (SPEC 3): ``q [B,Hq,d]``, ``kmin``/``kmax [B,Hkv,n_pages,d]``,
     any float dtype and strides; query head h belongs to KV head ``h // (Hq // Hkv)``.
     ``row >= n_pages`` pads each row to that length with -inf (returns ``[B, Hkv, row]``).
@@ -58,7 +58,7 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: fl
         page_bounds_kernel[(B * Hkv, n_blocks)](
             q, kmin, kmax, u, bm, bm.shape[-1], *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, n_pages,
             u.shape[-1], D, float(tau), G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=_p2(D, 16), SB=sub_block,
-            num_warps=8 if block_p * _p2(D, 16) >= 8192 else 4,
+            num_warps=num_warps or (8 if block_p * _p2(D, 16) >= 8192 else 4),
         )
     u = u[..., :row]
     return (u, bm) if sub_block else u
@@ -74,7 +74,8 @@ def fits(n_take: int, page_size: int) -> bool:
 
 
 def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, te_summary=0.0, te_selection=0.0,
-                  topk_chunk: int | None = None, selector: str | None = None, tile: int = TILE):
+                  topk_chunk: int | None = None, selector: str | None = None, tile: int = TILE,
+                  select_warps: int = 8):
     """Page selection of one step (SPEC 3) as a ``PageReadSet``; needs ``n_take < n_pages``.
 
     ``selector``: ``"threshold"`` (default): the bound kernel also writes sub-block maxima and one
@@ -122,7 +123,7 @@ def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, 
         pages = torch.empty(rows, block_k, dtype=torch.int32, device=dev)
         select_pages_kernel[(rows,)](
             u, bm, work, pages, *outputs, n_pages, u.stride(-2), n_sb, bm.stride(-2), *common,
-            SB=SUB_BLOCK, CH=tile, CHS=tile // SUB_BLOCK, **blocks, num_warps=8,
+            SB=SUB_BLOCK, CH=tile, CHS=tile // SUB_BLOCK, **blocks, num_warps=select_warps,
         )
         return PageReadSet(idx, n_read, n_sel, n_anchor, False, n_read32, n_anchor32, te)
     if topk_chunk is None:

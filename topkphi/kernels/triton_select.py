@@ -188,38 +188,52 @@ def _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read_ptr, n_read32_pt
 
 @triton.jit
 def _order_key(x):
-    """float32 -> int64 in [0, 2**32), increasing with x; -0.0 and +0.0 share a key."""
+    """float32 -> int32 increasing with x (-0.0 and +0.0 share a key); -inf stays above INT32_MIN,
+    which marks padding."""
     bits = (x + 0.0).to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
 @triton.jit
 def _kth_largest_key(ptr, n, kth, CH: tl.constexpr):
-    """The ``kth`` largest of ``n >= kth`` keys at ``ptr``, bit by bit from the top, a chunk at a
-    time from memory: the slow path, for rows with many ties or more than a tile of sub-blocks."""
+    """The ``kth`` largest of ``n >= kth`` keys at ``ptr`` (int64 memory), bit by bit from the top, a
+    chunk at a time from memory: the slow path, for rows with many ties or very many sub-blocks."""
     offs = tl.arange(0, CH)
-    x = tl.full([], 0, tl.int64)
+    x = tl.full([], -2147483648, tl.int64)
     step = tl.full([], 2147483648, tl.int64)
     for _ in range(32):
         c = x + step
         cnt = tl.full([], 0, tl.int32)
         for start in range(0, n, CH):
             o = start + offs
-            cnt += tl.sum((tl.load(ptr + o, mask=o < n, other=0) >= c).to(tl.int32), axis=0)
+            cnt += tl.sum((tl.load(ptr + o, mask=o < n, other=-2147483648) >= c).to(tl.int32), axis=0)
         x = tl.where(cnt >= kth, c, x)
         step = step // 2
     return x
 
 
 @triton.jit
-def _kth_largest_tile(keys, kth, lo, hi):
-    """The ``kth`` largest of a register tile of keys (padding 0), by bisection on ``[lo, hi)`` with
-    ``count(keys >= lo) >= kth > count(keys >= hi)``: about log2(hi - lo) reductions."""
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        ge = tl.sum((keys >= mid).to(tl.int32), axis=0) >= kth
-        lo = tl.where(ge, mid, lo)
-        hi = tl.where(ge, hi, mid)
+def _search_tile(keys, kth, lo, hi, stop_at):
+    """Narrow ``[lo, hi)`` around the ``kth`` largest of an int32 register tile of keys (padding
+    INT32_MIN), keeping ``count(keys >= lo) >= kth > count(keys >= hi)``; three probes per pass, their
+    counts packed into one int64 reduction. Stops once ``count(keys >= lo) <= stop_at`` or the interval
+    is one key wide (then lo is the kth largest). Returns ``lo`` (int64)."""
+    cnt = tl.sum((keys >= lo.to(tl.int32)).to(tl.int32), axis=0)
+    while (hi - lo > 1) & (cnt > stop_at):
+        w = hi - lo
+        p1 = lo + w // 4
+        p2 = lo + w // 2
+        p3 = lo + w - w // 4
+        packed = tl.sum((keys >= p1.to(tl.int32)).to(tl.int64) + ((keys >= p2.to(tl.int32)).to(tl.int64) << 16)
+                        + ((keys >= p3.to(tl.int32)).to(tl.int64) << 32), axis=0)
+        c1 = (packed & 0xFFFF).to(tl.int32)
+        c2 = ((packed >> 16) & 0xFFFF).to(tl.int32)
+        c3 = (packed >> 32).to(tl.int32)
+        new_lo = tl.where(c3 >= kth, p3, tl.where(c2 >= kth, p2, tl.where(c1 >= kth, p1, lo)))
+        new_hi = tl.where(c3 >= kth, hi, tl.where(c2 >= kth, p3, tl.where(c1 >= kth, p2, p1)))
+        cnt = tl.where(c3 >= kth, c3, tl.where(c2 >= kth, c2, tl.where(c1 >= kth, c1, cnt)))
+        lo = new_lo
+        hi = new_hi
     return lo
 
 
@@ -263,7 +277,8 @@ def select_pages_kernel(
        pages with bound >= t, so every chosen page has bound >= t: a safe threshold.
     2. Only the sub-blocks whose maximum reaches ``t`` are read again (about n_take of them), as one
        register tile in page order; every page outside them is below ``t``.
-    3. ``m`` = the n_take-th largest bound in the tile (the value at the cut), by bisection on keys.
+    3. ``m`` = the n_take-th largest bound in the tile (the value at the cut), by a search on keys that
+       stops early where exactly n_take pages reach it.
     4. Chosen = bound > m, then the first pages with bound == m in page order: the SPEC's ties,
        already in page order, so nothing is sorted.
     Rows with more than CH sub-blocks or more than CHS candidate sub-blocks (long runs of ties) take
@@ -278,24 +293,27 @@ def select_pages_kernel(
     pages_row = pages_ptr + row * BLOCK_K
     offs = tl.arange(0, CH)
 
-    # 1. the safe threshold (key 0 sits below every page: with too few sub-blocks, all pages are candidates)
+    # 1. a safe threshold: any t with count(sub-block maxima >= t) >= n_take. The search stops as soon
+    # as few enough sub-blocks reach t to fit the tile. INT32_MIN + 1 sits below every page: with too
+    # few sub-blocks, all pages are candidates
     sb_ok = offs < n_sb
-    bm_keys = tl.where(sb_ok, _order_key(tl.load(bm_row + offs, mask=sb_ok, other=0.0)), 0)
-    t_key = tl.full([], 0, tl.int64)
+    bm_keys = tl.where(sb_ok, _order_key(tl.load(bm_row + offs, mask=sb_ok, other=0.0)), -2147483648)
+    t_key = tl.full([], -2147483647, tl.int64)
     if n_sb >= n_take:
         if n_sb <= CH:
-            t_key = _kth_largest_tile(bm_keys, n_take, tl.min(tl.where(sb_ok, bm_keys, 4294967296), axis=0),
-                                      tl.max(bm_keys, axis=0) + 1)
+            lo = tl.min(tl.where(sb_ok, bm_keys, 2147483647), axis=0).to(tl.int64)
+            t_key = _search_tile(bm_keys, n_take, lo, tl.max(bm_keys, axis=0).to(tl.int64) + 1, CHS)
         else:
             for start in range(0, n_sb, CH):
                 o = start + offs
-                tl.store(sbc_ptr + o, _order_key(tl.load(bm_row + o, mask=o < n_sb, other=0.0)), mask=o < n_sb)
+                tl.store(sbc_ptr + o, _order_key(tl.load(bm_row + o, mask=o < n_sb, other=0.0)).to(tl.int64),
+                         mask=o < n_sb)
             tl.debug_barrier()
             t_key = _kth_largest_key(sbc_ptr, n_sb, n_take, CH)
             tl.debug_barrier()
 
     # 2. the sub-blocks that reach t, compacted in order
-    hit = sb_ok & (bm_keys >= t_key)
+    hit = sb_ok & (bm_keys >= t_key.to(tl.int32))
     tl.store(sbc_ptr + tl.cumsum(hit.to(tl.int32), axis=0) - 1, offs.to(tl.int64), mask=hit)
     n_csb = tl.sum(hit.to(tl.int32), axis=0)
     for start in range(CH, n_sb, CH):
@@ -313,11 +331,13 @@ def select_pages_kernel(
         sb = tl.load(sbc_ptr + js, mask=js < n_csb, other=0)
         page = tl.reshape(sb * SB + ii, [CHS * SB])
         ok = tl.reshape((js < n_csb) & (ii < SB), [CHS * SB]) & (page < n_pages)
-        key = tl.where(ok, _order_key(tl.load(u_row + page, mask=ok, other=0.0)), 0)
-        m_key = _kth_largest_tile(key, n_take, t_key, tl.max(key, axis=0) + 1)
-        need = n_take - tl.sum((key > m_key).to(tl.int32), axis=0)
-        eq = key == m_key
-        chosen = (key > m_key) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
+        key = tl.where(ok, _order_key(tl.load(u_row + page, mask=ok, other=0.0)), -2147483648)
+        # stops at the exact cut value, or earlier where exactly n_take keys reach lo (no tie at the cut)
+        m_key = _search_tile(key, n_take, t_key, tl.max(key, axis=0).to(tl.int64) + 1, n_take)
+        m32 = m_key.to(tl.int32)
+        need = n_take - tl.sum((key > m32).to(tl.int32), axis=0)
+        eq = key == m32
+        chosen = (key > m32) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
         tl.store(pages_row + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, page.to(tl.int32), mask=chosen)
     else:
         # the pages at or above t, compacted into work, then the same steps chunk by chunk
@@ -327,7 +347,7 @@ def select_pages_kernel(
             sb = tl.load(sbc_ptr + jj, mask=jj < n_csb, other=0)
             page = tl.reshape(sb * SB + ii, [CHS * SB])
             ok = tl.reshape((jj < n_csb) & (ii < SB), [CHS * SB]) & (page < n_pages)
-            key = _order_key(tl.load(u_row + page, mask=ok, other=float("-inf")))
+            key = _order_key(tl.load(u_row + page, mask=ok, other=float("-inf"))).to(tl.int64)
             hit = ok & (key >= t_key)
             rank = n_cand + tl.cumsum(hit.to(tl.int32), axis=0) - 1
             tl.store(keys_ptr + rank, key, mask=hit)
@@ -338,14 +358,15 @@ def select_pages_kernel(
         n_gt = tl.full([], 0, tl.int32)
         for start in range(0, n_cand, CH):
             o = start + offs
-            n_gt += tl.sum(((o < n_cand) & (tl.load(keys_ptr + o, mask=o < n_cand, other=0) > m_key)).to(tl.int32))
+            n_gt += tl.sum(((o < n_cand) & (tl.load(keys_ptr + o, mask=o < n_cand, other=-2147483648) > m_key))
+                           .to(tl.int32))
         need = n_take - n_gt
         n_eq = tl.full([], 0, tl.int32)
         n_chosen = tl.full([], 0, tl.int32)
         for start in range(0, n_cand, CH):
             o = start + offs
             ok = o < n_cand
-            key = tl.load(keys_ptr + o, mask=ok, other=0)
+            key = tl.load(keys_ptr + o, mask=ok, other=-2147483648)
             eq = ok & (key == m_key)
             chosen = ok & ((key > m_key) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), axis=0) <= need)))
             rank = n_chosen + tl.cumsum(chosen.to(tl.int32), axis=0) - 1

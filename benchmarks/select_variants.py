@@ -1,0 +1,73 @@
+"""Variants of the page-selection kernels on the GPU: the bound kernel's tile and warps, the
+threshold kernel's register tile and warps. Each variant is checked against the default (same read
+index) and timed as a CUDA-graph replay (median of CUDA events).
+
+    python benchmarks/select_variants.py [--n 131072 524288] [--top-k 256 2048]
+
+B=1, Hq=32, Hkv=8, d=128, bf16, page size 16, sink 4 + tail 64 (Llama-3-8B decode shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import torch
+
+import topkphi
+from topkphi.backends.triton_select import SUB_BLOCK, page_bounds, page_read_set
+from topkphi.regions import Regions, n_selected_pages
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from decode_attention import graph_ms, hbm_copy_gbs  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[131072, 524288])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[256, 2048])
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    B, Hq, Hkv, d, page = 1, 32, 8, 128, 16
+    copy = hbm_copy_gbs()
+    print(f"{torch.cuda.get_device_name()}  HBM copy {copy:.0f} GB/s")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    be = topkphi.get_backend("triton")
+    rows = []
+    for n in args.n:
+        k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = torch.randn(B, Hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cfg = topkphi.Config(n_sink=4, n_tail=64, top_k=256, selection="page", page_size=page, feature_map=None)
+        summary = be.build_summary(k, k, cfg)
+        tau = cfg.tau(d)
+        meta_bytes = 2 * summary.kmin.numel() * 2
+        for block_p in (32, 64, 128, 256):
+            for warps in (4, 8, 16):
+                fn = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau, block_p=block_p,
+                                       sub_block=SUB_BLOCK, num_warps=warps)
+                ms = graph_ms(fn, args.reps)
+                rows.append((n, "bound", f"block_p={block_p} warps={warps}", ms, meta_bytes / ms / 1e6))
+                print(rows[-1], flush=True)
+        regions = Regions.of(n, 4, 64)
+        for top_k in args.top_k:
+            n_take = n_selected_pages(top_k, page, summary.n_pages)
+            ref = page_read_set(q, summary, tau, n_take, page, regions, selector="topk")
+            for tile in (2048, 4096):
+                for warps in (4, 8, 16):
+                    fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions,
+                                           selector="threshold", tile=tile, select_warps=warps)
+                    same = torch.equal(fn().idx, ref.idx)
+                    ms = graph_ms(fn, args.reps)
+                    rows.append((n, f"select K={top_k}", f"tile={tile} warps={warps} same={same}", ms, None))
+                    print(rows[-1], flush=True)
+            fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions, selector="topk")
+            rows.append((n, f"select K={top_k}", "torch.topk path", graph_ms(fn, args.reps), None))
+    print(f"\n{'N':>7s} {'stage':>14s} {'variant':>34s} {'us':>7s} {'GB/s':>6s}")
+    for n, stage, variant, ms, gbs in rows:
+        print(f"{n:>7d} {stage:>14s} {variant:>34s} {1000 * ms:7.1f} {'-' if gbs is None else f'{gbs:6.0f}':>6s}")
+    print("command: python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
