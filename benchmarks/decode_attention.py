@@ -3,8 +3,8 @@
     python benchmarks/decode_attention.py            # on a CUDA GPU
     python benchmarks/decode_attention.py --n 4096 16384 --top-k 256 --reps 20
 
-B=1, Hq=32, Hkv=8, d=128, bf16. The topkphi step is the whole thing: selection (exact scoring or
-page bounds + topk) and the fused Triton decode, timed eagerly and as a replayed CUDA graph (how
+B=1, Hq=32, Hkv=8, d=128, bf16. The topkphi step is the whole thing: selection (exact scoring, or
+page bounds + the threshold select kernel) and the fused Triton decode, timed eagerly and as a replayed CUDA graph (how
 serving engines run decode steps). Bytes are what each method must read from HBM.
 """
 

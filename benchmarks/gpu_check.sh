@@ -26,6 +26,6 @@ if [[ $what == *" step "* ]]; then
   timeout 420 python3 benchmarks/decode_attention.py --selection page --reps 30 2>&1 | tee "$OUT/decode_attention.log"
 fi
 if [[ $what == *" kernel "* ]]; then
-  timeout 300 python3 benchmarks/kernel_decode.py --ns 131072 --ks 2048,4096,8192 --out "$OUT" 2>&1 \
+  timeout 200 python3 benchmarks/kernel_decode.py --ns 131072 --ks 2048,4096,8192 --out "$OUT" 2>&1 \
     | tee "$OUT/kernel_decode.log"
 fi

@@ -53,7 +53,7 @@ def main() -> None:
         for top_k in args.top_k:
             n_take = n_selected_pages(top_k, page, summary.n_pages)
             ref = page_read_set(q, summary, tau, n_take, page, regions, selector="topk")
-            for tile in (2048, 4096):
+            for tile in (2048, 4096, 8192):
                 for warps in (4, 8, 16):
                     fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions,
                                            selector="threshold", tile=tile, select_warps=warps)
