@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,11 +44,30 @@ class FitOptions:
     init_scale: float = 0.5  # W ~ init_scale * N(0, I): PRF-like directions, tempered for norm_coef = 0
     seed: int = 0
     threads: int | None = None
+    # W_k = W_q (shared directions, separate biases; a learned PRF): half the parameters
+    tie: bool = False
+    # also fit for these budgets: the merge subtracts each query's own Top-K, so a map fitted for one
+    # top_k misjudges the residual mass at another
+    extra_top_k: tuple[int, ...] = ()
+    # the last ``validation`` calibration sequences only score the iterates: the fit keeps the one with
+    # the best validation loss (early stopping; the training loss keeps falling long after that)
+    validation: int = 0
+    eval_every: int = 5  # steps between validation scores
+    patience: int = 0  # > 0: stop after this many validation scores without improvement
+    weight_decay: float = 0.0  # pulls the parameters toward the initial map (squared distance, per parameter)
+    # "lbfgs": quasi-Newton with a line search; far fewer steps than Adam for a warm-started per-prompt refit
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
-        for name in ("n_features", "steps", "stride", "top_k"):
+        for name in ("n_features", "steps", "stride", "top_k", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(k < 1 for k in self.extra_top_k):
+            raise ValueError(f"extra_top_k must be >= 1, got {self.extra_top_k}")
+        if self.validation < 0 or self.patience < 0 or self.weight_decay < 0:
+            raise ValueError("validation, patience and weight_decay must be >= 0")
+        if self.optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
         if self.n_sink < 0 or self.n_tail < 0:
             raise ValueError("n_sink and n_tail must be >= 0")
         if not self.lr > 0:
@@ -67,13 +86,15 @@ def require_torch():
 
 def min_tokens(opts: FitOptions) -> int:
     """Shortest sequence that gives at least a few calibration queries."""
-    return opts.n_sink + opts.n_tail + opts.top_k + 8 * opts.stride
+    return opts.n_sink + opts.n_tail + max((opts.top_k, *opts.extra_top_k)) + 8 * opts.stride
 
 
 class _Sequence:
     """One sequence of one layer, with the targets of its calibration queries (torch, float64)."""
 
-    def __init__(self, capture: LayerCapture, opts: FitOptions, torch):
+    def __init__(self, capture: LayerCapture, opts: FitOptions, torch, top_k: int | None = None):
+        if top_k is not None:
+            opts = replace(opts, top_k=top_k)
         k = np.asarray(capture.k[0], np.float64)  # [H, N, d]
         v = np.asarray(capture.v[0], np.float64)
         q = np.asarray(capture.q[0], np.float64)  # [Hq, L, d]
@@ -102,30 +123,40 @@ class _Sequence:
         qp = q[:, positions - first_q].reshape(n_heads, group, len(positions), d)  # [H, G, P, d]
         self.qt = t(root * qp, dtype=torch.float32)
 
-        scores = torch.einsum("hgpd,hnd->hgpn", t(qp), t(k)) * tau  # [H, G, P, N]
+        # targets, a chunk of positions at a time ([H, G, P, N] scores of every query would not fit)
+        kk, vv = t(k), t(v)
+        names = ("top", "target_log_mass", "target_value", "weight", "anchor_log_mass", "anchor_value", "dense")
+        parts: dict[str, list] = {name: [] for name in names}
         j = torch.arange(n_tokens)
-        pos = t(positions)
-        causal = j[None, :] <= pos[:, None]  # [P, N]
-        mid = (j[None, :] >= lo) & (j[None, :] < t(lo + counts * s)[:, None])
-        group_max = scores.amax(dim=1).masked_fill(~mid, -math.inf)  # [H, P, N]
-        k_take = opts.top_k
-        top = group_max.topk(k_take, dim=-1).indices  # [H, P, K] absolute positions, all inside mid
-        residual = mid[None].expand(n_heads, -1, -1).clone()
-        residual.scatter_(-1, top, False)
-        self.residual = residual[:, None, :, lo : lo + mid_len].to(torch.float32)  # [H, 1, P, M]
-        res_scores = scores.masked_fill(~residual[:, None], -math.inf)
-        self.target_log_mass = torch.logsumexp(res_scores, dim=-1)  # [H, G, P]
-        p = torch.softmax(res_scores, dim=-1)
-        self.target_value = torch.einsum("hgpn,hnd->hgpd", p, t(v))
-        total = torch.logsumexp(scores.masked_fill(~causal[None, None], -math.inf), dim=-1)
-        self.weight = torch.exp(self.target_log_mass - total)  # residual share of dense attention
-        anchors = causal[None, None] & ~residual[:, None]  # sink + tail + T of each query
-        anchor_scores = scores.masked_fill(~anchors, -math.inf)
-        self.anchor_log_mass = torch.logsumexp(anchor_scores, dim=-1)
-        self.anchor_value = torch.einsum("hgpn,hnd->hgpd", torch.softmax(anchor_scores, dim=-1), t(v))
-        self.dense = torch.einsum(
-            "hgpn,hnd->hgpd", torch.softmax(scores.masked_fill(~causal[None, None], -math.inf), dim=-1), t(v)
-        )
+        for c0 in range(0, len(positions), 128):
+            pos = t(positions[c0 : c0 + 128])
+            cnt = t(counts[c0 : c0 + 128])
+            scores = torch.einsum("hgpd,hnd->hgpn", t(qp[:, :, c0 : c0 + 128]), kk) * tau  # [H, G, p, N]
+            causal = j[None, :] <= pos[:, None]  # [p, N]
+            mid = (j[None, :] >= lo) & (j[None, :] < lo + cnt[:, None] * s)
+            group_max = scores.amax(dim=1).masked_fill(~mid, -math.inf)  # [H, p, N]
+            top = group_max.topk(opts.top_k, dim=-1).indices  # [H, p, K] absolute positions, all inside mid
+            residual = mid[None].expand(n_heads, -1, -1).clone()
+            residual.scatter_(-1, top, False)
+            res_scores = scores.masked_fill(~residual[:, None], -math.inf)
+            log_mass = torch.logsumexp(res_scores, dim=-1)  # [H, G, p]
+            dense_scores = scores.masked_fill(~causal[None, None], -math.inf)
+            total = torch.logsumexp(dense_scores, dim=-1)
+            anchor_scores = scores.masked_fill(~(causal[None, None] & ~residual[:, None]), -math.inf)  # sink+tail+T
+            parts["top"].append(top - lo)
+            parts["target_log_mass"].append(log_mass)
+            parts["target_value"].append(torch.einsum("hgpn,hnd->hgpd", torch.softmax(res_scores, dim=-1), vv))
+            parts["weight"].append(torch.exp(log_mass - total))  # residual share of dense attention
+            parts["anchor_log_mass"].append(torch.logsumexp(anchor_scores, dim=-1))
+            parts["anchor_value"].append(torch.einsum("hgpn,hnd->hgpd", torch.softmax(anchor_scores, dim=-1), vv))
+            parts["dense"].append(torch.einsum("hgpn,hnd->hgpd", torch.softmax(dense_scores, dim=-1), vv))
+        for name in names:
+            setattr(self, name, torch.cat(parts[name], dim=1 if name == "top" else 2))
+        # residual = mid \\ T of each query, as a mask over the keys of the longest mid: [H, 1, P, M]
+        in_mid = torch.arange(mid_len)[None, :] < t(counts * s)[:, None]
+        residual = in_mid[None].expand(n_heads, -1, -1).clone()
+        residual.scatter_(-1, self.top, False)
+        self.residual = residual[:, None].to(torch.float32)
         centered = v - v.mean(axis=1, keepdims=True)
         self.value_scale = t((centered**2).sum(-1).mean(-1))[:, None, None]  # [H, 1, 1]
         self.n_queries = int(np.prod(self.weight.shape))
@@ -174,6 +205,9 @@ class LayerFit:
     loss_after: float
     steps: int
     seconds: float
+    val_before: float | None = None  # validation loss of the initial and of the kept map
+    val_after: float | None = None
+    best_step: int | None = None  # the step whose parameters were kept
 
 
 def init_params(n_heads: int, d: int, opts: FitOptions, layer: int = 0, init: FeatureMap | None = None):
@@ -194,6 +228,10 @@ def init_params(n_heads: int, d: int, opts: FitOptions, layer: int = 0, init: Fe
     return [omega, bias, omega.copy(), bias.copy()]
 
 
+def _sequences(captures: Sequence[LayerCapture], opts: FitOptions, torch) -> list[_Sequence]:
+    return [_Sequence(c, opts, torch, k) for c in captures for k in (opts.top_k, *opts.extra_top_k)]
+
+
 def fit_layer(
     captures: Sequence[LayerCapture],
     opts: FitOptions,
@@ -202,16 +240,29 @@ def fit_layer(
     on_step: Callable[[int, float], None] | None = None,
     deadline: float | None = None,
 ) -> LayerFit:
-    """Fit one layer's maps (all its KV heads at once) on the captures of one or more sequences."""
+    """Fit one layer's maps (all its KV heads at once) on the captures of one or more sequences.
+
+    With ``opts.validation`` the last captures only score the iterates, and the best-scoring one is
+    kept; otherwise the iterate with the lowest training loss."""
     torch = require_torch()
     start = time.perf_counter()
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    n_val = opts.validation
+    if n_val and len(captures) <= n_val:
+        raise ValueError(f"validation {n_val} needs more than {n_val} calibration sequences, got {len(captures)}")
     with torch.enable_grad():
-        data = [_Sequence(c, opts, torch) for c in captures]
+        data = _sequences(captures[: len(captures) - n_val], opts, torch)
+        val = _sequences(captures[len(captures) - n_val :], opts, torch) if n_val else []
         n_heads, _, d = data[0].kt.shape
         arrays = init_params(n_heads, d, opts, layer, init)
-        params = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
+        if opts.tie:
+            arrays[2] = arrays[0]
+        t = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays[:2]]
+        b_k = torch.tensor(arrays[3], dtype=torch.float64, requires_grad=True)
+        w_k = t[0] if opts.tie else torch.tensor(arrays[2], dtype=torch.float64, requires_grad=True)
+        params = [t[0], t[1], w_k, b_k]  # what predict() takes; w_k is w_q itself when tied
+        leaves = [t[0], t[1], b_k] if opts.tie else params
         if init is None:  # centre the log mass: a shift of b_q moves every prediction by the same amount
             with torch.no_grad():
                 gap = [
@@ -219,40 +270,81 @@ def fit_layer(
                     for s in data
                 ]
                 params[1] += torch.stack(gap).mean(0)[:, None]
+        anchor = [p.detach().clone() for p in leaves]
+        n_params = sum(p.numel() for p in leaves)
+
+        def data_loss(seqs):
+            return sum(s.loss(params, opts.value_weight, torch, opts.merge_weight)[0] for s in seqs) / len(seqs)
 
         def total_loss():
-            return sum(s.loss(params, opts.value_weight, torch, opts.merge_weight)[0] for s in data) / len(data)
+            loss = data_loss(data)
+            if opts.weight_decay:  # toward the initial map, not toward 0: exp-linear maps need their biases
+                loss = loss + opts.weight_decay * sum(((p - a) ** 2).sum() for p, a in zip(leaves, anchor)) / n_params
+            return loss
 
-        optimizer = torch.optim.Adam(params, lr=opts.lr)
+        def score():
+            with torch.no_grad():
+                return float(data_loss(val)) if val else float(total_loss())
+
+        if opts.optimizer == "lbfgs":
+            optimizer = torch.optim.LBFGS(leaves, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+        else:
+            optimizer = torch.optim.Adam(leaves, lr=opts.lr)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = total_loss()
+            loss.backward()
+            return loss
+
         with torch.no_grad():
             before = float(total_loss())
-        best, best_params, steps = before, [p.detach().clone() for p in params], 0
+        val_before = score() if val else None
+        best = val_before if val else before
+        best_params, best_step, steps, since_best = [p.detach().clone() for p in params], 0, 0, 0
         for step in range(opts.steps):
             if deadline is not None and time.perf_counter() > deadline:
                 break
-            optimizer.zero_grad()
-            loss = total_loss()
+            current_params = [p.detach().clone() for p in params]
+            loss = optimizer.step(closure)  # the loss of ``current_params``, before the step
             if not torch.isfinite(loss):
                 break
-            loss.backward()
-            optimizer.step()
             steps = step + 1
-            value = float(loss.detach())
-            if value < best:  # the loss of the parameters before this step
-                best = value
             if on_step is not None:
-                on_step(steps, value)
+                on_step(steps, float(loss.detach()))
+            if not val:  # no extra pass: the step's own loss scores the iterate it started from
+                if float(loss) < best:
+                    best, best_params, best_step = float(loss), current_params, step
+                continue
+            if steps % opts.eval_every and steps != opts.steps:
+                continue
+            current = score()
+            if math.isfinite(current) and current < best:
+                best, best_params, best_step, since_best = current, [p.detach().clone() for p in params], steps, 0
+            else:
+                since_best += 1
+                if opts.patience and since_best >= opts.patience:
+                    break
+        if not val and steps:  # the last iterate has not been scored yet
+            last = score()
+            if math.isfinite(last) and last < best:
+                best, best_params, best_step = last, [p.detach().clone() for p in params], steps
         with torch.no_grad():
+            for p, b in zip(params, best_params):
+                p.copy_(b)
             after = float(total_loss())
-        if after <= best:
-            best_params = [p.detach().clone() for p in params]
-            best = after
-        elif best < before:  # an Adam step overshot at the end: keep the last iterate anyway if finite
-            if math.isfinite(after):
-                best_params = [p.detach().clone() for p in params]
-                best = after
     arrays = [p.numpy() for p in best_params]
-    return LayerFit(layer, FeatureMap.learned(*arrays), before, best, steps, time.perf_counter() - start)
+    return LayerFit(
+        layer,
+        FeatureMap.learned(*arrays),
+        before,
+        after,
+        steps,
+        time.perf_counter() - start,
+        val_before,
+        best if val else None,
+        best_step,
+    )
 
 
 def fit_model(

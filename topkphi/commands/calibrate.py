@@ -149,6 +149,26 @@ def calibration_texts(data: tuple[str, ...], builtin: bool, split: str) -> dict[
     help="Weight of the merged output's error vs dense, next to the log-mass and value terms.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--extra-top-k",
+    type=int,
+    multiple=True,
+    help="Also fit for this budget (repeatable): one map for several top_k instead of one per budget.",
+)
+@click.option(
+    "--validation",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Hold out the last V calibration sequences and keep the iterate with the best loss on them "
+    "(early stopping); needs --sequences > V.",
+)
+@click.option("--patience", type=int, default=0, show_default=True, help="With --validation: stop after this many "
+              "validation scores (every 5 steps) without improvement; 0 runs all --steps.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True,
+              help="Pull the parameters toward the initial (or warm-start) map.")
+@click.option("--tie", is_flag=True, help="W_k = W_q (shared directions, separate biases): half the parameters.")
+@click.option("--optimizer", type=click.Choice(["adam", "lbfgs"]), default="adam", show_default=True)
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="Where to write the phi file.")
 @click.option(
     "--evaluate",
@@ -171,6 +191,20 @@ def calibration_texts(data: tuple[str, ...], builtin: bool, split: str) -> dict[
     default=None,
     help="--evaluate: also refine the maps on each text's own prefill for this many seconds.",
 )
+@click.option(
+    "--per-prompt-queries",
+    type=int,
+    default=None,
+    help="--per-prompt: fit on the prompt's last Q queries only (default: all of them).",
+)
+@click.option(
+    "--kl-tokens",
+    type=int,
+    default=0,
+    show_default=True,
+    help="--evaluate: also decode the last T tokens of each text with the model (dense prefill before them) "
+    "and report KL(dense || method) of the next-token distribution.",
+)
 @click.option("--json", "json_out", default=None, help="--evaluate: write the numbers as JSON here.")
 @user_errors
 def calibrate(
@@ -189,10 +223,18 @@ def calibrate(
     stride,
     merge_weight,
     seed,
+    extra_top_k,
+    validation,
+    patience,
+    weight_decay,
+    tie,
+    optimizer,
     out,
     evaluate_file,
     n_queries,
     per_prompt,
+    per_prompt_queries,
+    kl_tokens,
     json_out,
 ) -> None:
     """Fit learned feature maps per (layer, KV head) on calibration text and save them (safetensors)."""
@@ -213,7 +255,17 @@ def calibrate(
         stride=stride,
         merge_weight=merge_weight,
         seed=seed,
+        extra_top_k=tuple(extra_top_k),
+        validation=validation,
+        patience=patience,
+        weight_decay=weight_decay,
+        tie=tie,
+        optimizer=optimizer,
     )
+    if kl_tokens < 0:
+        raise ValueError("--kl-tokens must be >= 0")
+    if validation and validation >= sequences and evaluate_file is None:
+        raise ValueError(f"--validation {validation} needs --sequences > {validation}")
     if evaluate_file is None and out is None:
         raise ValueError("give --out FILE for the fitted maps (or --evaluate FILE to measure one)")
     if tokens < min_tokens(opts):
@@ -231,7 +283,10 @@ def calibrate(
 
     seqs = token_sequences(tokenizer, texts, tokens, sequences)
     if evaluate_file is not None:
-        return _evaluate(err, net, runtime, seqs, model, evaluate_file, opts, n_queries, per_prompt, json_out)
+        return _evaluate(
+            err, net, tokenizer, runtime, seqs, model, evaluate_file, opts, n_queries, per_prompt, json_out,
+            kl_tokens=kl_tokens, per_prompt_queries=per_prompt_queries,
+        )
     _fit(err, net, runtime, seqs, model, opts, out, list(texts)[: len(seqs)])
 
 
@@ -295,6 +350,13 @@ def _fit(err, net, runtime, seqs, model_id, opts, out, sources) -> None:
             "lr": opts.lr,
             "stride": opts.stride,
             "merge_weight": opts.merge_weight,
+            "extra_top_k": list(opts.extra_top_k),
+            "validation": opts.validation,
+            "weight_decay": opts.weight_decay,
+            "tie": opts.tie,
+            "optimizer": opts.optimizer,
+            "val_after": [f.val_after for f in fits],
+            "best_step": [f.best_step for f in fits],
             "loss_before": [f.loss_before for f in fits],
             "loss_after": [f.loss_after for f in fits],
         },
@@ -308,9 +370,68 @@ def _fit(err, net, runtime, seqs, model_id, opts, out, sources) -> None:
     )
 
 
-def _evaluate(err, net, runtime, seqs, model_id, phi_file, opts, n_queries, per_prompt, json_out) -> None:
+def _prompt_prefix(layers, end: int, n_last: int | None):
+    """The prompt's captures (everything before ``end``), optionally with only its last ``n_last`` queries:
+    the queries nearest the decode steps have mids most like theirs, and a fit on fewer is faster."""
+    from topkphi.calibration.fit import truncate
+    from topkphi.capture import LayerCapture
+
+    prefix = [truncate(c, end) for c in layers]
+    if n_last is None:
+        return prefix
+    return [LayerCapture(c.q[:, :, -n_last:], c.k, c.v, c.scale) for c in prefix]
+
+
+def next_token_kl(net, tokenizer, runtime, ids: list[int], n_tokens: int, cfg, maps_by_method: dict) -> dict:
+    """``{method: (mean KL, max KL)}``: KL(dense || method) of the next-token distribution at the last
+    ``n_tokens`` positions, teacher-forced after one dense prefill (as ``topkphi eval``'s KL task does).
+
+    ``maps_by_method``: ``{name: per-layer maps or None}``; None runs Top-K only at the budget matched
+    to the first entry that has maps (SPEC section 6)."""
     import topkphi
-    from topkphi.calibration.fit import fit_model, replay_errors, truncate
+    from topkphi.evaluation import scoring
+    from topkphi.evaluation.harness import make_runner, policy
+
+    runner = make_runner(runtime.framework, net, tokenizer, topkphi.get_backend(runtime.kernel_backend))
+    start = len(ids) - n_tokens
+    snapshot = runner.prefill(ids[: start - 1])
+    feed = ids[start - 1 : len(ids) - 1]
+
+    def logits(pol):
+        session = runner.session(snapshot, pol)
+        return np.stack([session.step(t) for t in feed])
+
+    n, d = len(ids), runner.d
+    ref = logits(policy("dense", None, cfg, n, d, runner.dv))
+    any_maps = next(m for m in maps_by_method.values() if m is not None)
+    out = {}
+    for name, maps in maps_by_method.items():
+        if maps is None:
+            pol = policy("topk", cfg.top_k, cfg, n, d, runner.dv, any_maps)
+        else:
+            pol = policy("topk+phi", cfg.top_k, cfg, n, d, runner.dv, maps)
+        kl = scoring.kl_divergence(ref, logits(pol))
+        out[name] = (float(kl.mean()), float(kl.max()))
+    return out
+
+
+def _evaluate(
+    err,
+    net,
+    tokenizer,
+    runtime,
+    seqs,
+    model_id,
+    phi_file,
+    opts,
+    n_queries,
+    per_prompt,
+    json_out,
+    kl_tokens: int = 0,
+    per_prompt_queries: int | None = None,
+) -> None:
+    import topkphi
+    from topkphi.calibration.fit import fit_model, replay_errors
 
     maps = load_layer_maps(phi_file, net, model_id, runtime.framework)
     d = maps[0].d
@@ -324,6 +445,7 @@ def _evaluate(err, net, runtime, seqs, model_id, phi_file, opts, n_queries, per_
         "n_tail": opts.n_tail,
         "top_k": opts.top_k,
         "top_k_matched": matched,
+        "kl_tokens": kl_tokens,
         "texts": [],
     }
     for ids in seqs:
@@ -339,16 +461,27 @@ def _evaluate(err, net, runtime, seqs, model_id, phi_file, opts, n_queries, per_
             "per_layer_top_k": e_top.mean((1, 2)).tolist(),
             "per_layer_phi": e_phi.mean((1, 2)).tolist(),
         }
+        prompt_maps = None
         if per_prompt is not None:
-            prefill = [truncate(c, positions[0]) for c in layers]  # the prompt: everything before the replayed steps
+            # the prompt: everything before the first replayed (or KL-decoded) step
+            prefill = _prompt_prefix(layers, len(ids) - max(n_queries, kl_tokens), per_prompt_queries)
             start = time.perf_counter()
             with err.status(f"per-prompt fit ({per_prompt:g} s budget)"):
                 fits = fit_model([prefill], opts, maps, time_budget_s=per_prompt)
             row["per_prompt_seconds"] = time.perf_counter() - start
             row["per_prompt_steps"] = int(np.mean([f.steps for f in fits]))
-            e_pp = replay_errors(layers, positions, opts.n_sink, opts.n_tail, opts.top_k, [f.fmap for f in fits])
+            prompt_maps = [f.fmap for f in fits]
+            e_pp = replay_errors(layers, positions, opts.n_sink, opts.n_tail, opts.top_k, prompt_maps)
             row["err_phi_prompt"] = float(e_pp.mean())
             row["per_layer_phi_prompt"] = e_pp.mean((1, 2)).tolist()
+        if kl_tokens:
+            with err.status(f"decoding the last {kl_tokens} tokens for KL"):
+                methods = {"top_k_matched": None, "phi": maps}
+                if prompt_maps is not None:
+                    methods["phi_prompt"] = prompt_maps
+                kl = next_token_kl(net, tokenizer, runtime, ids, kl_tokens, cfg.replace(feature_map=None), methods)
+            for name, (mean, worst) in kl.items():
+                row[f"kl_{name}"], row[f"kl_max_{name}"] = mean, worst
         results["texts"].append(row)
         line = (
             f"N={len(ids)} top_k={opts.top_k}: Top-K only (top_k {matched}) {row['err_top_k_matched']:.4f}, "
@@ -359,14 +492,19 @@ def _evaluate(err, net, runtime, seqs, model_id, phi_file, opts, n_queries, per_
                 f", per-prompt {row['err_phi_prompt']:.4f} ({row['err_top_k_matched'] / row['err_phi_prompt']:.2f}x,"
                 f" {row['per_prompt_seconds']:.1f} s)"
             )
+        if kl_tokens:
+            line += "; KL " + ", ".join(f"{k[3:]} {v:.4f}" for k, v in row.items() if k.startswith("kl_") and
+                                        not k.startswith("kl_max"))
         click.echo(line)
     keys = ["err_top_k_matched", "err_phi"] + (["err_phi_prompt"] if per_prompt is not None else [])
+    if kl_tokens:
+        keys += ["kl_top_k_matched", "kl_phi"] + (["kl_phi_prompt"] if per_prompt is not None else [])
     results["mean"] = {k: float(np.mean([r[k] for r in results["texts"]])) for k in keys}
     m = results["mean"]
-    click.echo(
-        "mean: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
-        + f"; ratio {m['err_top_k_matched'] / m['err_phi']:.2f}x"
-    )
+    line = "mean: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+    line += f"; error ratio {m['err_top_k_matched'] / m['err_phi']:.2f}x"
+    if kl_tokens:
+        line += f", KL ratio {m['kl_top_k_matched'] / max(m['kl_phi'], 1e-12):.2f}x"
+    click.echo(line)
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
