@@ -313,8 +313,8 @@ def fit_layer(
             if on_step is not None:
                 on_step(steps, float(loss.detach()))
             if not val:  # no extra pass: the step's own loss scores the iterate it started from
-                if float(loss) < best:
-                    best, best_params, best_step = float(loss), current_params, step
+                if float(loss.detach()) < best:
+                    best, best_params, best_step = float(loss.detach()), current_params, step
                 continue
             if steps % opts.eval_every and steps != opts.steps:
                 continue
