@@ -42,19 +42,25 @@ def main() -> None:
         summary = be.build_summary(k, k, cfg)
         tau = cfg.tau(d)
         meta_bytes = 2 * summary.kmin.numel() * 2
-        for block_p in (32, 64, 128, 256):
-            for warps in (4, 8, 16):
-                fn = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau, block_p=block_p,
-                                       sub_block=SUB_BLOCK, num_warps=warps)
-                ms = graph_ms(fn, args.reps)
-                rows.append((n, "bound", f"block_p={block_p} warps={warps}", ms, meta_bytes / ms / 1e6))
-                print(rows[-1], flush=True)
+        ref_u = page_bounds(q, summary.kmin, summary.kmax, tau, sub_block=SUB_BLOCK)
+        variants = [(bp, w, 1, 1) for bp in (32, 64, 128) for w in (4, 8)]
+        variants += [(bp, w, per, st) for bp in (32, 64) for w in (4, 8) for per in (2, 4, 8) for st in (2, 3)]
+        for block_p, warps, per, stages in variants:
+            fn = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau, block_p=block_p,
+                                   sub_block=SUB_BLOCK, num_warps=warps, blocks_per_program=per, num_stages=stages)
+            u, bm = fn()
+            n_sb = -(-summary.n_pages // SUB_BLOCK)
+            same = torch.equal(u, ref_u[0]) and torch.equal(bm[..., :n_sb], ref_u[1][..., :n_sb])
+            ms = graph_ms(fn, args.reps)
+            rows.append((n, "bound", f"bp={block_p} w={warps} per={per} st={stages} same={same}", ms,
+                         meta_bytes / ms / 1e6))
+            print(rows[-1], flush=True)
         regions = Regions.of(n, 4, 64)
         for top_k in args.top_k:
             n_take = n_selected_pages(top_k, page, summary.n_pages)
             ref = page_read_set(q, summary, tau, n_take, page, regions, selector="topk")
-            for tile in (2048, 4096, 8192):
-                for warps in (4, 8, 16):
+            for tile in (2048, 4096):
+                for warps in (4, 8):
                     fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions,
                                            selector="threshold", tile=tile, select_warps=warps)
                     same = torch.equal(fn().idx, ref.idx)

@@ -52,11 +52,18 @@ def test_page_bounds_match_float64(batch, n_kv, group, d, n_pages, dtype):
     kmin = torch.minimum(a, b).to(DTYPES[dtype])[:, :, :n_pages]
     kmax = torch.maximum(a, b).to(DTYPES[dtype])[:, :, :n_pages]
     tau = d**-0.5
-    u = page_bounds(q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), tau)
-    assert u.dtype == torch.float32 and u.shape == (batch, n_kv, n_pages)
     ref, scale = bound_ref(as64(q), as64(kmin), as64(kmax), tau)
-    err = np.abs(as64(u) - ref)
-    assert np.all(err <= 1e-6 * scale + 1e-30), float((err / scale).max())
+    # one block per program, and a pipelined walk over several blocks (with sub-block maxima)
+    for kw in ({}, dict(block_p=16, blocks_per_program=3, num_stages=2, sub_block=4)):
+        out = page_bounds(q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), tau, **kw)
+        u = out[0] if kw else out
+        assert u.dtype == torch.float32 and u.shape == (batch, n_kv, n_pages)
+        err = np.abs(as64(u) - ref)
+        assert np.all(err <= 1e-6 * scale + 1e-30), float((err / scale).max())
+        if kw:  # the maxima of runs of 4 pages
+            n_sb = -(-n_pages // 4)
+            padded = np.pad(as64(u), ((0, 0), (0, 0), (0, 4 * n_sb - n_pages)), constant_values=-np.inf)
+            np.testing.assert_array_equal(as64(out[1][..., :n_sb]), padded.reshape(batch, n_kv, n_sb, 4).max(-1))
 
 
 def _selection_cases():

@@ -40,12 +40,14 @@ def _p2(n: int, lo: int = 1) -> int:
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: float, block_p: int = 64,
-                row: int | None = None, sub_block: int = 0, num_warps: int | None = None):
+                row: int | None = None, sub_block: int = 0, num_warps: int | None = None,
+                blocks_per_program: int = 1, num_stages: int = 1):
     """``u [B, Hkv, n_pages]`` fp32 (SPEC 3): ``q [B,Hq,d]``, ``kmin``/``kmax [B,Hkv,n_pages,d]``,
     any float dtype and strides; query head h belongs to KV head ``h // (Hq // Hkv)``.
     ``row >= n_pages`` pads each row to that length with -inf (returns ``[B, Hkv, row]``).
     ``sub_block > 0`` (a power of two <= 16) returns ``(u, bm)`` with ``bm [B, Hkv, >= cdiv(n_pages,
-    sub_block)]`` the maxima of consecutive runs of ``sub_block`` pages (-inf past the row)."""
+    sub_block)]`` the maxima of consecutive runs of ``sub_block`` pages (-inf past the row).
+    ``blocks_per_program`` blocks of ``block_p`` pages per program, software-pipelined ``num_stages`` deep."""
     B, Hq, D = q.shape
     Hkv, n_pages = kmin.shape[1], kmin.shape[2]
     if Hq % Hkv or kmin.shape != kmax.shape or kmin.shape[0] != B or kmin.shape[3] != D:
@@ -58,10 +60,10 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: fl
     n_blocks = triton.cdiv(row, block_p)
     bm = torch.empty(B, Hkv, _round16(n_blocks * block_p // max(1, sub_block)), dtype=torch.float32, device=q.device)
     if row > 0 and B * Hkv > 0:
-        page_bounds_kernel[(B * Hkv, n_blocks)](
+        page_bounds_kernel[(B * Hkv, triton.cdiv(n_blocks, blocks_per_program))](
             q, kmin, kmax, u, bm, bm.shape[-1], *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, n_pages,
-            u.shape[-1], D, float(tau), G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=_p2(D, 16), SB=sub_block,
-            num_warps=num_warps or (8 if block_p * _p2(D, 16) >= 8192 else 4),
+            u.shape[-1], D, float(tau), blocks_per_program, G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=_p2(D, 16),
+            SB=sub_block, NUM_STAGES=num_stages, num_warps=num_warps or (8 if block_p * _p2(D, 16) >= 8192 else 4),
         )
     u = u[..., :row]
     return (u, bm) if sub_block else u

@@ -24,7 +24,7 @@ import triton.language as tl
 # divisibility by 16 changes: a second of compilation in the middle of a chat. Strides stay
 # specialized: the launchers pad rows to multiples of 16 and cache strides carry a factor d, and
 # without the divisibility hint every metadata load is a scalar 2-byte load (4x slower, measured)
-@triton.jit(do_not_specialize=["n_pages"])
+@triton.jit(do_not_specialize=["n_pages", "blocks_per_prog"])
 def page_bounds_kernel(
     q_ptr,
     kmin_ptr,
@@ -48,37 +48,42 @@ def page_bounds_kernel(
     u_stride,
     D,
     tau,
+    blocks_per_prog,
     G: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SB: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    pb = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
     h = (bh % Hkv).to(tl.int64)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    p_ok = offs_p < n_pages
     d_ok = offs_d < D
-    tile_ok = p_ok[:, None] & d_ok[None, :]
-    rows = offs_p.to(tl.int64)[:, None]
-    kmn = tl.load(kmin_ptr + b * snb + h * snh + rows * snp + offs_d[None, :] * snd, mask=tile_ok, other=0.0)
-    kmx = tl.load(kmax_ptr + b * sxb + h * sxh + rows * sxp + offs_d[None, :] * sxd, mask=tile_ok, other=0.0)
-    kmn = kmn.to(tl.float32)
-    kmx = kmx.to(tl.float32)
-    u = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for g in tl.static_range(G):
-        qg = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
-        s = tl.sum(tl.maximum(qg[None, :] * kmn, qg[None, :] * kmx), axis=1)
-        u = tl.maximum(u, s)
-    # entries past n_pages (row padding for a chunked topk) hold -inf
-    u = tl.where(p_ok, u * tau, float("-inf"))
-    tl.store(u_ptr + bh.to(tl.int64) * u_stride + offs_p, u, mask=offs_p < u_stride)
-    if SB > 0:  # maxima of sub-blocks of SB pages: what select_pages_kernel thresholds on
-        bm = tl.max(tl.reshape(u, [BLOCK_P // SB, SB]), axis=1)
-        offs_b = pb * (BLOCK_P // SB) + tl.arange(0, BLOCK_P // SB)
-        tl.store(bm_ptr + bh.to(tl.int64) * bm_stride + offs_b, bm, mask=offs_b < bm_stride)
+    # a program walks several blocks of pages so that the pipeliner keeps the next tiles' loads in
+    # flight while this one is reduced: the bound is a pure stream of the metadata
+    for i in tl.range(0, blocks_per_prog, num_stages=NUM_STAGES):
+        pb = tl.program_id(1) * blocks_per_prog + i
+        offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < n_pages
+        tile_ok = p_ok[:, None] & d_ok[None, :]
+        rows = offs_p.to(tl.int64)[:, None]
+        kmn = tl.load(kmin_ptr + b * snb + h * snh + rows * snp + offs_d[None, :] * snd, mask=tile_ok, other=0.0)
+        kmx = tl.load(kmax_ptr + b * sxb + h * sxh + rows * sxp + offs_d[None, :] * sxd, mask=tile_ok, other=0.0)
+        kmn = kmn.to(tl.float32)
+        kmx = kmx.to(tl.float32)
+        u = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            qg = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
+            s = tl.sum(tl.maximum(qg[None, :] * kmn, qg[None, :] * kmx), axis=1)
+            u = tl.maximum(u, s)
+        # entries past n_pages (row padding) hold -inf
+        u = tl.where(p_ok, u * tau, float("-inf"))
+        tl.store(u_ptr + bh.to(tl.int64) * u_stride + offs_p, u, mask=offs_p < u_stride)
+        if SB > 0:  # maxima of sub-blocks of SB pages: what select_pages_kernel thresholds on
+            bm = tl.max(tl.reshape(u, [BLOCK_P // SB, SB]), axis=1)
+            offs_b = pb * (BLOCK_P // SB) + tl.arange(0, BLOCK_P // SB)
+            tl.store(bm_ptr + bh.to(tl.int64) * bm_stride + offs_b, bm, mask=offs_b < bm_stride)
 
 
 @triton.jit(do_not_specialize=["n_pages", "n_first", "first_page", "sink_end", "mid_start", "mid_end"])
