@@ -3,10 +3,10 @@
 - attend: the gather of the read set, the online softmax, the phi completion with the retrieved
   tokens' share subtracted, and the one normalization run in one fused kernel
   (``topkphi/kernels/triton_decode.py``).
-- page selection (the deployable path): the Quest bound in one read of the page metadata, a
-  ``torch.topk`` over the bounds, and one kernel that breaks ties at the cut, sorts the pages and
-  writes the read index and the step's counts (``topkphi/kernels/triton_select.py``). With the
-  fused decode that is about six launches per step and no host sync (capture it in a CUDA graph).
+- page selection (the deployable path): the Quest bound (with sub-block maxima) in one read of the
+  page metadata, then one kernel per KV head that thresholds, finds the bound at the cut and writes
+  the chosen pages' read index and the step's counts (``topkphi/kernels/triton_select.py``). With
+  the fused decode that is four launches per step and no host sync (capture it in a CUDA graph).
 
 Exact selection and summary upkeep stay in torch.
 """

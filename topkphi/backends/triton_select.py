@@ -1,9 +1,10 @@
 """Launchers of the page-selection kernels (``topkphi/kernels/triton_select.py``).
 
 ``page_bounds`` is the Quest bound in one read of the metadata; ``page_read_set`` is the whole
-page selection of a decode step: bound kernel, ``torch.topk`` of ``n_take + 1`` candidates, and
-one kernel that breaks ties at the cut, sorts the pages and writes the read index and the step's
-counts. Four launches (the topk is a few internally), no host sync: it captures in a CUDA graph.
+page selection of a decode step. By default two launches: the bound kernel (with the maxima of runs
+of ``SUB_BLOCK`` pages) and ``select_pages_kernel``, which writes the read index and the step's
+counts; the older path (``selector="topk"``: ``torch.topk`` of ``n_take + 1`` candidates, then a
+read-index kernel) stays for comparison. No host sync: either captures in a CUDA graph.
 """
 
 from __future__ import annotations

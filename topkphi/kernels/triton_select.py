@@ -1,11 +1,14 @@
 """Page selection (SPEC section 3, ``page``) in Triton: the Quest bound and the read-index build.
 
-``page_bounds_kernel``: grid ``(B*Hkv, cdiv(n_pages, BLOCK_P))``. Each program reads a tile of
-``kmin``/``kmax`` once, in the cache's own dtype, and computes for all G query heads of its KV
-head ``u_p = tau * max_h sum_i max(q_hi kmin_pi, q_hi kmax_pi)`` in fp32 (the literal SPEC
-formula, no matmul, no fp32 copy of the metadata), then stores ``u [B*Hkv, n_pages]`` fp32.
+``page_bounds_kernel``: grid ``(B*Hkv, cdiv(n_pages, BLOCK_P * blocks_per_prog))``. Each program
+reads tiles of ``kmin``/``kmax`` once, in the cache's own dtype, and computes for all G query heads
+of its KV head ``u_p = tau * max_h sum_i max(q_hi kmin_pi, q_hi kmax_pi)`` in fp32 (the literal SPEC
+formula, no matmul, no fp32 copy of the metadata), then stores ``u [B*Hkv, n_pages]`` fp32 and, for
+the threshold selection, the maximum of every run of SB pages.
 
-``read_index_kernel``: grid ``(B*Hkv,)``. Input: the ``n_take + 1`` largest bounds of the
+``select_pages_kernel`` (the default selection): grid ``(B*Hkv,)``; see its docstring.
+
+``read_index_kernel`` (the ``topk`` selector): grid ``(B*Hkv,)``. Input: the ``n_take + 1`` largest bounds of the
 head (``torch.topk``, unsorted; or two topks, per chunk of the row then over the chunk
 winners). With ``m1`` the smallest of them, the ``n_take`` best pages are the candidates
 above ``m1`` unless ``m1`` occurs twice or more among the candidates (a tie at the cut); only
