@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers", reason="the HF integration ne
 
 import topkphi  # noqa: E402
 from topkphi.generation.torch_engine import TorchEngine  # noqa: E402
-from topkphi.integrations.hf import TopKPhiCache, TopKPhiLayer, topkphi_attention  # noqa: E402
+from topkphi.integrations.hf import TopKPhiCache, TopKPhiLayer, cache_kwargs, topkphi_attention  # noqa: E402
 
 
 class DigitTokenizer:
@@ -63,8 +63,8 @@ def test_decode_steps_match_the_oracle(model, prompt):
     with torch.inference_mode(), topkphi_attention(model):
         TopKPhiLayer.decode = spy
         try:
-            model(input_ids=torch.tensor([prompt]), past_key_values=cache)
-            model(input_ids=torch.tensor([[5]]), past_key_values=cache)
+            model(input_ids=torch.tensor([prompt]), **cache_kwargs(model, cache))
+            model(input_ids=torch.tensor([[5]]), **cache_kwargs(model, cache))
         finally:
             TopKPhiLayer.decode = original
     assert len(seen) == 2  # one decode per layer
@@ -111,5 +111,5 @@ def test_enable_and_disable_leave_no_trace(prompt):
         ids = torch.tensor([prompt[:50]])
         ref = a(input_ids=ids).logits
         with topkphi_attention(a):
-            got = a(input_ids=ids, past_key_values=transformers.DynamicCache(config=a.config)).logits
+            got = a(input_ids=ids, **cache_kwargs(a, transformers.DynamicCache(config=a.config))).logits
     torch.testing.assert_close(got, ref)

@@ -177,10 +177,12 @@ class TorchRunner:
         import torch
         from transformers import DynamicCache
 
+        from topkphi.integrations.hf import cache_kwargs
+
         cache = DynamicCache(config=self.model.config)
         device = next(self.model.parameters()).device
         with torch.inference_mode():
-            self.model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+            self.model(input_ids=torch.tensor([ids], device=device), **cache_kwargs(self.model, cache), use_cache=True)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def session(self, snapshot, pol: Policy) -> Session:

@@ -11,7 +11,7 @@ from topkphi.backends.base import Backend
 from topkphi.config import Config
 from topkphi.generation.base import Engine
 from topkphi.generation.stats import GenerationStats
-from topkphi.integrations.hf import TopKPhiCache, topkphi_attention
+from topkphi.integrations.hf import TopKPhiCache, cache_kwargs, topkphi_attention
 
 
 def sample(logits: torch.Tensor, temp: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -53,7 +53,7 @@ class TorchEngine(Engine):
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         input_ids = torch.tensor([ids], device=self.device)
-        return self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True).logits[0, -1]
+        return self.model(input_ids=input_ids, **cache_kwargs(self.model, self.cache), use_cache=True).logits[0, -1]
 
     def stream(self, prompt: list[int], max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
                seed: int | None = None) -> Iterator[str]:

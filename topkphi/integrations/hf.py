@@ -6,7 +6,7 @@ topkphi. The KV cache stays a standard ``DynamicCache``: its full-attention laye
 
     with topkphi_attention(model):
         cache = TopKPhiCache(model, topkphi.Config(top_k=256), get_backend("torch"))
-        model(input_ids, past_key_values=cache)
+        model(input_ids, **cache_kwargs(model, cache))
 """
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ from topkphi.backends.base import Backend
 from topkphi.config import Config
 
 ATTENTION_NAME = "topkphi"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The forward keyword for a cache: ``cache`` in recent transformers, ``past_key_values`` before
+    (the old name warns now and goes away in a later release)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 class DecodeTotals:

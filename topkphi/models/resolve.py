@@ -150,6 +150,9 @@ def load_torch_model(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype=None,
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ModelError(f"unknown torch dtype '{dtype}'")
         dtype = getattr(torch, dtype)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own status line says what is loading
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
