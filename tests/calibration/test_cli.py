@@ -175,3 +175,31 @@ def test_inspect_heads_reads_the_learned_maps(tiny, tmp_path):
     assert [h["err_phi"] for h in report["heads"]] != [h["err_phi"] for h in prf["heads"]]
     missing = CliRunner().invoke(main, [*args, "--feature-map", "learned"])
     assert missing.exit_code == 2 and "--phi-file" in missing.output
+
+
+@needs_torch
+def test_validation_tied_fit_and_kl_evaluation(tiny, tmp_path):
+    from topkphi.calibration.phi_file import load_phi, torch_fingerprint
+
+    model, data = tiny
+    other = tmp_path / "other.txt"
+    other.write_text("".join(chr(33 + (5 * i * i + 11 * i) % 90) for i in range(400)))
+    out = tmp_path / "phi.safetensors"
+    args = ["--model", "tiny", "--data", str(data), "--data", str(other), *SMALL]
+    result = run(*args, "--sequences", "2", "--validation", "1", "--tie", "--extra-top-k", "24", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    maps, meta = load_phi(out, torch_fingerprint(model, "tiny"))
+    assert meta.extra["validation"] == 1 and meta.extra["extra_top_k"] == [24] and meta.extra["tie"]
+    assert all(v is not None for v in meta.extra["val_after"])
+    assert all((f.w_q == f.w_k).all() for f in maps)
+    assert_usage_error(run(*args, "--sequences", "2", "--validation", "2", "--out", str(out)), "--validation 2")
+
+    report = tmp_path / "eval.json"
+    result = run(*args, "--evaluate", str(out), "--n-queries", "2", "--kl-tokens", "3", "--per-prompt", "1",
+                 "--per-prompt-queries", "64", "--json", str(report))
+    assert result.exit_code == 0, result.output
+    mean = json.loads(report.read_text())["mean"]
+    assert {"kl_top_k_matched", "kl_phi", "kl_phi_prompt"} <= set(mean)
+    assert all(mean[k] >= 0 for k in ("kl_top_k_matched", "kl_phi", "kl_phi_prompt"))
+    assert mean["kl_phi"] != mean["kl_top_k_matched"]  # the maps took part in the decode
+    assert "KL ratio" in result.output
