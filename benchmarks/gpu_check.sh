@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call, what to run named by words: tests (all GPU parity tests), select-tests (page
-# selection only), variants (benchmarks/select_variants.py), step (benchmarks/decode_attention.py,
-# page selection), kernel (benchmarks/kernel_decode.py at 2k-8k read tokens). Logs go to $OUT.
+# selection only), cli-tests (inspect-heads on the GPU), variants (benchmarks/select_variants.py), step
+# (benchmarks/decode_attention.py, page selection), step-long (the same at 128k and 512k only), kernel
+# (benchmarks/kernel_decode.py at 2k-8k read tokens), kernel-2k (at 2116 read tokens). Logs go to $OUT.
 #   bash benchmarks/gpu_check.sh "tests step"        # default: tests step
 set -o pipefail
 OUT=${OUT:-/tmp/topkphi-gpu}
@@ -19,11 +20,22 @@ if [[ $what == *" select-tests "* ]]; then
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_triton_select.py 2>&1 | tail -15 \
     | tee "$OUT/tests.log"
 fi
+if [[ $what == *" cli-tests "* ]]; then
+  timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/commands/test_inspect_heads.py -k cuda 2>&1 \
+    | tail -5 | tee "$OUT/cli_tests.log"
+fi
 if [[ $what == *" variants "* ]]; then
   timeout 240 python3 benchmarks/select_variants.py 2>&1 | tee "$OUT/select_variants.log"
 fi
 if [[ $what == *" step "* ]]; then
   timeout 420 python3 benchmarks/decode_attention.py --selection page --reps 30 2>&1 | tee "$OUT/decode_attention.log"
+fi
+if [[ $what == *" step-long "* ]]; then
+  timeout 300 python3 benchmarks/decode_attention.py --selection page --n 131072 524288 --top-k 256 2048 --reps 30 \
+    2>&1 | tee "$OUT/decode_attention_long.log"
+fi
+if [[ $what == *" kernel-2k "* ]]; then
+  timeout 200 python3 benchmarks/kernel_decode.py --ns 131072 --ks 2048 --out "$OUT" 2>&1 | tee "$OUT/kernel_decode.log"
 fi
 if [[ $what == *" kernel "* ]]; then
   timeout 200 python3 benchmarks/kernel_decode.py --ns 131072 --ks 2048,4096,8192 --out "$OUT" 2>&1 \

@@ -212,8 +212,9 @@ def main():
     configs += [
         dict(block_n=16, split=32, num_warps=4),
         dict(block_n=16, split=16, num_warps=2),
-        dict(block_n=64, split=1 << 20, num_warps=4),
-    ]  # the last: one program per KV head, no merge
+        dict(block_n=64, split=1 << 20, num_warps=4),  # one program per KV head, no merge
+    ]
+    configs += [dict(stream_wk=True), dict(stream_wk=True, num_warps=8), dict(stream_wk=True, block_n=32, split=64)]
     table = []
     for N in [int(x) for x in args.ns.split(",")]:
         t_sdpa = None

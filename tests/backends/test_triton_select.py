@@ -6,6 +6,8 @@ Runs under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py sets it without 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ torch = pytest.importorskip("torch", reason="the triton backend needs torch")
 pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'topkphi[cuda]')")
 
 import topkphi  # noqa: E402
-from tests.cases import random_case  # noqa: E402
+from tests.cases import random_case, rel_err  # noqa: E402
 from topkphi.backends.torch_backend import TorchBackend  # noqa: E402
 from topkphi.backends.triton_backend import TritonBackend  # noqa: E402
 from topkphi.backends.triton_select import PageReadSet, page_bounds  # noqa: E402
@@ -53,9 +55,11 @@ def test_page_bounds_match_float64(batch, n_kv, group, d, n_pages, dtype):
     kmax = torch.maximum(a, b).to(DTYPES[dtype])[:, :, :n_pages]
     tau = d**-0.5
     ref, scale = bound_ref(as64(q), as64(kmin), as64(kmax), tau)
-    # one block per program, and a pipelined walk over several blocks (with sub-block maxima)
-    for kw in ({}, dict(block_p=16, blocks_per_program=3, num_stages=2, sub_block=4)):
-        out = page_bounds(q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), tau, **kw)
+    # one block per program, and a pipelined walk over several blocks (with sub-block maxima); the
+    # elementwise form and the tensor-core form (q+ kmax + q- kmin)
+    walks = ({}, dict(block_p=16, blocks_per_program=3, num_stages=2, sub_block=4))
+    for use_dot, kw in itertools.product((False, True), walks):
+        out = page_bounds(q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), tau, use_dot=use_dot, **kw)
         u = out[0] if kw else out
         assert u.dtype == torch.float32 and u.shape == (batch, n_kv, n_pages)
         err = np.abs(as64(u) - ref)
@@ -207,6 +211,37 @@ def test_page_decode_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(out, ref) and torch.equal(g_stats.selected, ref_stats.selected)
     assert be.fast_select
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("feature_map", [None, "prf", "learned"])
+def test_chained_launches_match_plain_launches(monkeypatch, feature_map):
+    """The step's kernels launched as programmatic dependents (sm90+) give the bits of plain launches,
+    eagerly and replayed from a CUDA graph, and match the oracle; split decode (merge kernel) included."""
+    from topkphi.backends.triton_launch import chain_launches
+
+    case = random_case(12, n_tokens=9000, n_kv=2, group=4, d=128, selection="page", page_size=16, top_k=1024,
+                       feature_map=feature_map)
+    q, k, v = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (case.q, case.k, case.v))
+    be = TritonBackend()
+    summary = be.build_summary(k, v, case.cfg)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TOPKPHI_PDL", flag)
+        eager, stats = be.decode(q, k, v, summary, case.cfg)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, _ = be.decode(q, k, v, summary, case.cfg)
+        graph.replay()
+        torch.cuda.synchronize()
+        runs[flag] = (eager, out.clone())
+    assert chain_launches(q) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert torch.equal(runs["0"][0], runs["1"][0]) and torch.equal(runs["0"][1], runs["1"][1])
+    assert torch.equal(runs["1"][0], runs["1"][1]) and be.fast_select
+    rounded = [as64(x) for x in (q, k, v)]
+    ref, _ = ORACLE.decode(*rounded, ORACLE.build_summary(*rounded[1:], case.cfg), case.cfg,
+                           selected=stats.selected.cpu().numpy())
+    assert rel_err(as64(runs["1"][1]), ref) <= 2e-2
 
 
 @pytest.mark.parametrize("mode", ["random", "ties"])

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from topkphi.cli import main
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+HAS_CUDA = HAS_TORCH and __import__("torch").cuda.is_available()
 HAS_MLX = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
 TEXT = "".join(chr(33 + (7 * i) % 90) for i in range(120))  # 120 tokens with the tokenizer below
 
@@ -28,11 +29,11 @@ def tiny_model(monkeypatch, request):
     """``--backend`` for a runtime whose model loader returns a tiny random Llama."""
     import topkphi.models.resolve as resolve
 
-    if request.param == "cpu":
+    if request.param in ("cpu", "cuda"):
         from tests.integrations.test_hf import tiny_llama
 
         monkeypatch.setattr(resolve, "load_torch_model",
-                            lambda spec, device="cpu", **kw: (tiny_llama(), CharTokenizer()))
+                            lambda spec, device="cpu", **kw: (tiny_llama().to(device), CharTokenizer()))
     else:
         from tests.integrations.test_mlx_lm import tiny_llama
 
@@ -43,6 +44,7 @@ def tiny_model(monkeypatch, request):
 RUNTIMES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch and transformers are not installed")),
     pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="mlx and mlx-lm are not installed")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
 ]
 
 
@@ -76,7 +78,7 @@ def test_tiny_model_end_to_end(tiny_model, tmp_path):
     assert set(report) == {"model", "runtime", "n_tokens", "positions", "config", "max_dropped_mass", "summary",
                            "heads"}
     assert report["n_tokens"] == 120 and report["positions"] == [117, 118, 119]
-    assert report["runtime"]["framework"] == ("torch" if tiny_model == "cpu" else "mlx")
+    assert report["runtime"]["framework"] == ("mlx" if tiny_model == "mlx" else "torch")
     assert report["config"]["top_k"] == 16 and report["config"]["top_k_matched"] > 16
     assert len(report["heads"]) == 2 * 4  # tiny Llamas: 2 layers x 4 query heads (2 KV heads)
     for head in report["heads"]:

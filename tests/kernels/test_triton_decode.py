@@ -173,6 +173,7 @@ def run_case(
     split=None,
     idx_dtype=torch.int32,
     n_read_none=False,
+    stream_wk=False,
     **kw,
 ):
     (tq, tk, tv), (q, k, v), idx, n_read, ph = make_problem(B, Hkv, G, N, d, dtype, phi=phi, **kw)
@@ -192,6 +193,7 @@ def run_case(
         phi=None if ph is None else to_phi_inputs(ph, dev),
         split=split,
         block_n=16,
+        stream_wk=stream_wk,
     )
     assert out.dtype == dtype and out.shape == ref_out.shape and rho.shape == ref_rho.shape
     out, rho = out.double().cpu().numpy(), rho.double().cpu().numpy()
@@ -220,6 +222,12 @@ def test_parity_fp32(d, G, phi):
 @pytest.mark.parametrize("split", [None, 16, 32])
 def test_parity_dtypes_and_split(dtype, phi, split):
     run_case(G=4, d=64, dtype=dtype, phi=phi, split=split, N=400, K=60, B=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split", [None, 16])
+def test_w_k_reloaded_per_tile(dtype, split):
+    run_case(G=4, d=64, dtype=dtype, phi="per_head", split=split, N=400, K=60, B=2, stream_wk=True)
 
 
 def test_split_more_heads():

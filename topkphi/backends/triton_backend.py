@@ -94,10 +94,13 @@ class TritonBackend(TorchBackend):
         # n_take < n_pages and every page holds a mid token: no head covers mid, the summary is
         # active for every head (TorchBackend: active = n_selected < n_mid, all True here)
         counts = read_counts(cfg, 0, regions.n_mid, fmap is not None, fmap, d, dv)
+        # the map's tensors first: the decode kernel chains onto the selection kernel, so nothing may run
+        # between them
+        map_tensors = self._map_tensors(fmap, q.device) if fmap is not None else None
         reads = page_read_set(q, summary, tau, n_take, cfg.page_size, regions, counts.summary, counts.selection)
         phi = None
         if fmap is not None:
-            kind, norm_coef, w_q, b_q, w_k, b_k = self._map_tensors(fmap, q.device)
+            kind, norm_coef, w_q, b_q, w_k, b_k = map_tensors
             active = None if kind != "taylor2" else reads.n_selected < regions.n_mid
             phi = PhiTensors(kind, norm_coef, w_q, b_q, w_k, b_k, summary.s, summary.z, summary.c_max, active)
         out, rho = self.attend(q, k, v, reads, phi, tau)
@@ -128,4 +131,4 @@ class TritonBackend(TorchBackend):
             n_anchor = reads.n_anchor32 if fast else torch.full_like(reads.n_read, reads.n_anchor)
             inputs = PhiInputs(phi.w_q, phi.b_q, phi.w_k, phi.b_k, phi.norm_coef, phi.s, phi.z, c_max, n_anchor)
         n_read = reads.n_read32 if fast else reads.n_read
-        return fused_decode(q, k, v, reads.idx, n_read, scale=tau, phi=inputs)
+        return fused_decode(q, k, v, reads.idx, n_read, scale=tau, phi=inputs, chained=fast and reads.chained)

@@ -61,6 +61,14 @@ def _interpreting(t: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type == "cpu"
 
 
+def chain_launches(t: torch.Tensor) -> bool:
+    """Whether the step's kernels launch as programmatic dependents of one another (PDL, sm90+): each
+    starts while its predecessor drains and waits for it in-kernel (``TOPKPHI_PDL=0`` turns it off)."""
+    if _interpreting(t) or os.environ.get("TOPKPHI_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
 def default_split(n_tokens: int, n_heads: int, block_n: int, n_sms: int) -> int:
     """Tokens per split (a multiple of block_n): about one program per SM (best on an H100, see
     docs/KERNEL_NOTES.md); each program's tiles run one after another, ~2 us of latency each."""
@@ -69,7 +77,8 @@ def default_split(n_tokens: int, n_heads: int, block_n: int, n_sms: int) -> int:
     return per_split * block_n
 
 
-def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=None, block_n=64, num_warps=4):
+def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=None, block_n=64, num_warps=4,
+                 stream_wk=False, chained=False):
     """Attention of one decode query per sequence over an explicit read set, with phi completion.
 
     Args:
@@ -83,6 +92,9 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
       split: read entries per program (a multiple of ``block_n``); None picks one for the GPU,
         ``>= R`` runs the single-kernel path; smaller values add a merge kernel (flash-decoding).
       block_n, num_warps: tile of gathered tokens and warps per program.
+      stream_wk: with phi, reload ``w_k`` per tile instead of holding it in registers.
+      chained: launch as a programmatic dependent (``chain_launches``) of the kernel that wrote
+        ``read_idx``, ``n_read`` and ``phi.n_anchor``; everything else must be older than that kernel.
 
     Returns:
       ``(out [B, Hq, dv] in q.dtype, rho [B, Hq] fp32)``; rho is the estimated unretrieved mass.
@@ -117,7 +129,10 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
 
     has_phi = phi is not None
     if has_phi:
-        wq, bq, wk, bk = (t.contiguous() for t in (phi.w_q, phi.b_q, phi.w_k, phi.b_k))  # any float dtype
+        params = (phi.w_q, phi.b_q, phi.w_k, phi.b_k)
+        wq, bq, wk, bk = (t.contiguous() for t in params)  # any float dtype
+        # the chained prologue reads them before its wait: a copy made just now would race
+        chained = chained and all(a is b for a, b in zip((wq, bq, wk, bk), params))
         n_ph, M, dw = wq.shape
         if dw != D or n_ph not in (1, Hkv) or wk.shape != wq.shape or bq.shape != (n_ph, M) or bk.shape != (n_ph, M):
             raise ValueError(f"phi parameters: w_q {tuple(wq.shape)}, b_q {tuple(bq.shape)}, w_k {tuple(wk.shape)}")
@@ -154,6 +169,7 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
     else:
         pm = pl = pacc = pw = pwv = plam = rho  # never read
     sqrt_scale, half_nc = math.sqrt(scale), 0.5 * norm_coef * scale
+    pdl = dict(launch_pdl=True) if chained else {}
     meta = dict(BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_M=BM, HAS_PHI=has_phi, PHI_PER_HEAD=has_phi and n_ph == Hkv)
     launched = decode_kernel[(B * Hkv, n_splits)](
         q,
@@ -196,7 +212,10 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
         BLOCK_N=block_n,
         SPLIT=n_splits > 1,
         F32_DOTS=f32_dots,
+        STREAM_WK=stream_wk,
+        GDC=chained,
         num_warps=num_warps,
+        **pdl,
         **meta,
     )
     LAST_KERNELS[:] = [launched]
@@ -217,7 +236,9 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
                 BLOCK_S=min(32, _p2(n_splits, 2)),
                 BLOCK_DV=BDV,
                 HAS_PHI=has_phi,
+                GDC=chained,
                 num_warps=4,
+                **pdl,
             )
         )
     return out, rho

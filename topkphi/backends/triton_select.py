@@ -16,10 +16,22 @@ import torch
 import triton
 
 from topkphi.backends.torch_ops import ReadSet
+from topkphi.backends.triton_launch import chain_launches
 from topkphi.kernels.triton_select import page_bounds_kernel, read_index_kernel, select_pages_kernel
 
 MAX_TILE = 1 << 15  # chosen pages x page size handled by one read-index program
 SUB_BLOCK = 16  # pages per sub-block maximum that the threshold selection bisects on
+
+
+def bound_tiling(n_pages: int, use_dot: bool) -> tuple[int, int, int, int]:
+    """(block_p, blocks_per_program, num_stages, num_warps) of the bound kernel. Tensor-core form,
+    measured on an H200 (bf16, d 128, G 4, 8 rows): 128 pages x 4 warps best at 8k pages per row (13.4 us
+    vs 19.0 for 64 x 8), two pipelined blocks of 64 best at 32k (38.0 us vs 42.0 for 128 x 8)."""
+    if not use_dot:
+        return 64, 1, 1, 0
+    return (64, 2, 2, 4) if n_pages > 16384 else (128, 1, 1, 4)
+
+
 def select_tile(n_take: int) -> int:
     """Sub-block maxima, and candidate pages, that the threshold kernel holds in registers: room for
     at least n_take candidate sub-blocks (2048 measured 10% faster than 4096 on an H200 at n_take 128)."""
@@ -34,26 +46,39 @@ class PageReadSet(ReadSet):
     n_read32: torch.Tensor | None = None
     n_anchor32: torch.Tensor | None = None
     token_equivalents: torch.Tensor | None = None
+    chained: bool = False  # written by a kernel that lets the decode launch as its dependent
 
 
 def _p2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(1, n)))
 
 
-def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: float, block_p: int = 64,
+def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: float, block_p: int | None = None,
                 row: int | None = None, sub_block: int = 0, num_warps: int | None = None,
-                blocks_per_program: int = 1, num_stages: int = 1):
+                blocks_per_program: int | None = None, num_stages: int | None = None,
+                use_dot: bool | None = None, chained: bool = False):
     """``u [B, Hkv, n_pages]`` fp32 (SPEC 3): ``q [B,Hq,d]``, ``kmin``/``kmax [B,Hkv,n_pages,d]``,
     any float dtype and strides; query head h belongs to KV head ``h // (Hq // Hkv)``.
     ``row >= n_pages`` pads each row to that length with -inf (returns ``[B, Hkv, row]``).
     ``sub_block > 0`` (a power of two <= 16) returns ``(u, bm)`` with ``bm [B, Hkv, >= cdiv(n_pages,
     sub_block)]`` the maxima of consecutive runs of ``sub_block`` pages (-inf past the row).
-    ``blocks_per_program`` blocks of ``block_p`` pages per program, software-pipelined ``num_stages`` deep."""
+    ``blocks_per_program`` blocks of ``block_p`` pages per program, software-pipelined ``num_stages`` deep;
+    what is left None comes from ``bound_tiling``. ``chained``: let a programmatic dependent (the
+    selection kernel) launch while this one runs.
+    ``use_dot``: the bound as two tensor-core products (``q+ kmax + q- kmin``, exact products, fp32 sums);
+    None picks it when q and the metadata share a 16-bit dtype (fp32 keeps the literal elementwise form)."""
     B, Hq, D = q.shape
     Hkv, n_pages = kmin.shape[1], kmin.shape[2]
     if Hq % Hkv or kmin.shape != kmax.shape or kmin.shape[0] != B or kmin.shape[3] != D:
         raise ValueError(f"shapes q {tuple(q.shape)}, kmin {tuple(kmin.shape)}, kmax {tuple(kmax.shape)}")
     row = n_pages if row is None else max(row, n_pages)
+    native_dot = q.dtype == kmin.dtype == kmax.dtype and q.dtype in (torch.bfloat16, torch.float16)
+    use_dot = native_dot if use_dot is None else use_dot
+    tiling = bound_tiling(n_pages, use_dot)
+    block_p = block_p or tiling[0]
+    blocks_per_program = blocks_per_program or tiling[1]
+    num_stages = num_stages or tiling[2]
+    num_warps = num_warps or tiling[3]
     # rows padded to multiples of 16 (with -inf): a row stride that moves with the context would
     # either recompile the kernels or cost them their vectorized accesses
     u = torch.empty(B, Hkv, _round16(row), dtype=torch.float32, device=q.device)
@@ -64,7 +89,9 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: fl
         page_bounds_kernel[(B * Hkv, triton.cdiv(n_blocks, blocks_per_program))](
             q, kmin, kmax, u, bm, bm.shape[-1], *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, n_pages,
             u.shape[-1], D, float(tau), blocks_per_program, G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=_p2(D, 16),
-            SB=sub_block, NUM_STAGES=num_stages, num_warps=num_warps or (8 if block_p * _p2(D, 16) >= 8192 else 4),
+            SB=sub_block, NUM_STAGES=num_stages, USE_DOT=use_dot, GP=_p2(Hq // Hkv, 16), GDC=chained,
+            DOT_F32=not native_dot or os.environ.get("TRITON_INTERPRET", "0") == "1" or q.device.type == "cpu",
+            num_warps=num_warps or (8 if block_p * _p2(D, 16) >= 8192 else 4),
         )
     u = u[..., :row]
     return (u, bm) if sub_block else u
@@ -125,15 +152,17 @@ def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, 
     blocks = dict(BLOCK_K=block_k, BLOCK_T=_p2(page_size), BLOCK_A=_p2(n_anchor), BLOCK_PAD=_p2(2 * page_size))
     if selector == "threshold":
         tile = tile or select_tile(n_take)
-        u, bm = page_bounds(q, kmin, kmax, tau, sub_block=SUB_BLOCK)
+        chained = chain_launches(q)
+        u, bm = page_bounds(q, kmin, kmax, tau, sub_block=SUB_BLOCK, chained=chained)
         n_sb = triton.cdiv(n_pages, SUB_BLOCK)
         work = torch.empty(rows, 2 * n_pages + n_sb, dtype=torch.int64, device=dev)
         pages = torch.empty(rows, block_k, dtype=torch.int32, device=dev)
         select_pages_kernel[(rows,)](
             u, bm, work, pages, *outputs, n_pages, u.stride(-2), n_sb, bm.stride(-2), *common,
-            SB=SUB_BLOCK, CH=tile, CHS=tile // SUB_BLOCK, **blocks, num_warps=select_warps,
+            SB=SUB_BLOCK, CH=tile, CHS=tile // SUB_BLOCK, **blocks, num_warps=select_warps, GDC=chained,
+            **(dict(launch_pdl=True) if chained else {}),
         )
-        return PageReadSet(idx, n_read, n_sel, n_anchor, False, n_read32, n_anchor32, te)
+        return PageReadSet(idx, n_read, n_sel, n_anchor, False, n_read32, n_anchor32, te, chained)
     if topk_chunk is None:
         topk_chunk = int(os.environ.get("TOPKPHI_TOPK_CHUNK", "2048"))
     n_cand = n_take + 1

@@ -209,13 +209,19 @@ def decode_kernel(
     PHI_PER_HEAD: tl.constexpr,
     SPLIT: tl.constexpr,
     F32_DOTS: tl.constexpr,
+    STREAM_WK: tl.constexpr = False,
+    GDC: tl.constexpr = False,
 ):
     """Grid (B*Hkv, n_splits): split s reduces read entries [s*chunk, min((s+1)*chunk, n_read)).
 
     With phi and splits, split 0 also reads the summary out, so its partials hold
     ``f^T S - sum w v`` and ``f^T z - sum w`` (the others only ``- sum w v``, ``- sum w``)
     and it stores lam: the merge kernel then needs no feature-map work.
+    GDC: launched as a programmatic dependent of the selection kernel: the prologue (q, f_q, W_k)
+    reads only q and the map's parameters, older than that kernel, and overlaps its tail.
     """
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // Hkv
@@ -244,18 +250,22 @@ def decode_kernel(
         f, cq = query_features(q, wq_ptr, bq_ptr, hp, sqrt_scale, half_nc_scale, M, D, BLOCK_M, BLOCK_D, PREC, True)
         offs_m = tl.arange(0, BLOCK_M)
         mm = offs_m < M
-        wk = tl.load(
-            wk_ptr + hp * M * D + offs_m[:, None] * D + offs_d[None, :], mask=mm[:, None] & dmask[None, :], other=0.0
-        )
-        # 16-bit caches: l_k on the tensor cores in the cache dtype (error ~1e-3 of |l_k|)
-        wk = wk.to(tl.float32) if F32_DOTS else wk.to(k_ptr.dtype.element_ty)
+        wk_ptrs = wk_ptr + hp * M * D + offs_m[:, None] * D + offs_d[None, :]
+        wk_mask = mm[:, None] & dmask[None, :]
+        if not STREAM_WK:
+            wk = tl.load(wk_ptrs, mask=wk_mask, other=0.0)
+            # 16-bit caches: l_k on the tensor cores in the cache dtype (error ~1e-3 of |l_k|)
+            wk = wk.to(tl.float32) if F32_DOTS else wk.to(k_ptr.dtype.element_ty)
         bk = tl.load(bk_ptr + hp * M + offs_m, mask=mm, other=0.0).to(tl.float32)
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+    if HAS_PHI:
         c_sum = tl.load(c_ptr + bh)
         have_sum = c_sum > float("-inf")
         c_safe = tl.where(have_sum, c_sum, 0.0)
+        lam = tl.where(have_sum, cq + c_sum, float("-inf"))
         # entries at or past t_start are the retrieved T; none when the summary is empty
         t_start = tl.where(have_sum, tl.load(nanc_ptr + bh), 2147483647)
-        lam = tl.where(have_sum, cq + c_sum, float("-inf"))
 
     n_valid = tl.minimum(tl.load(nread_ptr + bh), R)
     start = sp * chunk
@@ -285,6 +295,9 @@ def decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
         if HAS_PHI:
+            if STREAM_WK:  # reloaded per tile (an L1/L2 hit) instead of held: fewer registers per program
+                wk = tl.load(wk_ptrs, mask=wk_mask, other=0.0)
+                wk = wk.to(tl.float32) if F32_DOTS else wk.to(k_ptr.dtype.element_ty)
             kf = k.to(tl.float32)
             lk = tl.dot(k, tl.trans(wk), input_precision=PREC) * sqrt_scale + bk[None, :]
             lk = lk - half_nc_scale * tl.sum(kf * kf, 1)[:, None]
@@ -357,11 +370,15 @@ def merge_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HAS_PHI: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Grid (B*Hq,): merge one query head's n_splits partial states, add phi, normalize.
 
     Row vectors are kept 2-D ([1, ...]) so the helpers serve both kernels unchanged.
+    GDC: launched as a programmatic dependent of the decode kernel.
     """
+    if GDC:
+        tl.extra.cuda.gdc_wait()
     bq_head = tl.program_id(0)  # = (b * Hkv + g) * G + r
     bh = bq_head // G
     r = bq_head % G

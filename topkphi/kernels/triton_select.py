@@ -57,12 +57,32 @@ def page_bounds_kernel(
     BLOCK_D: tl.constexpr,
     SB: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    USE_DOT: tl.constexpr = False,
+    GP: tl.constexpr = 16,
+    DOT_F32: tl.constexpr = False,
+    GDC: tl.constexpr = False,
 ):
+    if GDC:  # let the selection kernel launch now; it waits for this grid before reading u and bm
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     b = (bh // Hkv).to(tl.int64)
     h = (bh % Hkv).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    if USE_DOT:
+        # kmin <= kmax, so max(q kmin, q kmax) = q+ kmax + q- kmin: two products on the tensor cores
+        # in place of 4 G fp32 ops per metadata element, which bound the elementwise form below
+        # the memory rate. q+ and q- are q's own values (q has the metadata's dtype), so every
+        # product is exact in the fp32 accumulator; only the order of the fp32 sum differs.
+        offs_g = tl.arange(0, GP)
+        g_ok = offs_g < G
+        qt = tl.load(q_ptr + b * sqb + (h * G + offs_g)[None, :] * sqh + offs_d[:, None] * sqd,
+                     mask=d_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, GP]
+        q_pos = tl.where(qt > 0.0, qt, 0.0)
+        q_neg = tl.where(qt < 0.0, qt, 0.0)
+        if not DOT_F32:
+            q_pos = q_pos.to(kmin_ptr.dtype.element_ty)
+            q_neg = q_neg.to(kmin_ptr.dtype.element_ty)
     # a program walks several blocks of pages so that the pipeliner keeps the next tiles' loads in
     # flight while this one is reduced: the bound is a pure stream of the metadata
     for i in tl.range(0, blocks_per_prog, num_stages=NUM_STAGES):
@@ -73,13 +93,23 @@ def page_bounds_kernel(
         rows = offs_p.to(tl.int64)[:, None]
         kmn = tl.load(kmin_ptr + b * snb + h * snh + rows * snp + offs_d[None, :] * snd, mask=tile_ok, other=0.0)
         kmx = tl.load(kmax_ptr + b * sxb + h * sxh + rows * sxp + offs_d[None, :] * sxd, mask=tile_ok, other=0.0)
-        kmn = kmn.to(tl.float32)
-        kmx = kmx.to(tl.float32)
-        u = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            qg = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
-            s = tl.sum(tl.maximum(qg[None, :] * kmn, qg[None, :] * kmx), axis=1)
-            u = tl.maximum(u, s)
+        if USE_DOT:
+            if DOT_F32:  # the interpreter: its 16-bit tl.dot is wrong, the same products in fp32 are exact
+                kmn = kmn.to(tl.float32)
+                kmx = kmx.to(tl.float32)
+                s = tl.dot(kmx, q_pos, input_precision="ieee")
+                s = tl.dot(kmn, q_neg, acc=s, input_precision="ieee")  # [BLOCK_P, GP]
+            else:
+                s = tl.dot(kmn, q_neg, acc=tl.dot(kmx, q_pos))
+            u = tl.max(tl.where(g_ok[None, :], s, float("-inf")), axis=1)
+        else:
+            kmn = kmn.to(tl.float32)
+            kmx = kmx.to(tl.float32)
+            u = tl.full([BLOCK_P], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                qg = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
+                s = tl.sum(tl.maximum(qg[None, :] * kmn, qg[None, :] * kmx), axis=1)
+                u = tl.maximum(u, s)
         # entries past n_pages (row padding) hold -inf
         u = tl.where(p_ok, u * tau, float("-inf"))
         tl.store(u_ptr + bh.to(tl.int64) * u_stride + offs_p, u, mask=offs_p < u_stride)
@@ -278,6 +308,7 @@ def select_pages_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_PAD: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """The ``n_take`` pages of largest bound, ties to the smaller page, without a sort of the row.
 
@@ -290,7 +321,11 @@ def select_pages_kernel(
     4. Chosen = bound > m, then the first pages with bound == m in page order: the SPEC's ties,
        already in page order, so nothing is sorted.
     Rows with more than CH sub-blocks or more than CHS candidate sub-blocks (long runs of ties) take
-    a chunked path through ``work_ptr`` (int64 ``[rows, 2 * n_pages + n_sb]``): slower, same pages."""
+    a chunked path through ``work_ptr`` (int64 ``[rows, 2 * n_pages + n_sb]``): slower, same pages.
+    GDC: launched as a programmatic dependent of the bound kernel (waits for it before any access)."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     row = bh.to(tl.int64)
     u_row = u_ptr + row * u_stride
