@@ -23,13 +23,14 @@ MAX_TILE = 1 << 15  # chosen pages x page size handled by one read-index program
 SUB_BLOCK = 16  # pages per sub-block maximum that the threshold selection bisects on
 
 
-def bound_tiling(n_pages: int, use_dot: bool) -> tuple[int, int, int, int]:
+def bound_tiling(use_dot: bool) -> tuple[int, int, int, int]:
     """(block_p, blocks_per_program, num_stages, num_warps) of the bound kernel. Tensor-core form,
-    measured on an H200 (bf16, d 128, G 4, 8 rows): 128 pages x 4 warps best at 8k pages per row (13.4 us
-    vs 19.0 for 64 x 8), two pipelined blocks of 64 best at 32k (38.0 us vs 42.0 for 128 x 8)."""
+    measured on an H200 (bf16, d 128, G 4, 8 rows, benchmarks/select_variants.py): two pipelined blocks
+    of 64 pages on 4 warps, 11.6 us at 8k pages per row (13.3 for one block of 128, 18.1 for 64 on 8
+    warps) and 37.3 us at 32k (41.2 to 61.0 for the one-block tilings)."""
     if not use_dot:
         return 64, 1, 1, 0
-    return (64, 2, 2, 4) if n_pages > 16384 else (128, 1, 1, 4)
+    return 64, 2, 2, 4
 
 
 def select_tile(n_take: int) -> int:
@@ -74,7 +75,7 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: fl
     row = n_pages if row is None else max(row, n_pages)
     native_dot = q.dtype == kmin.dtype == kmax.dtype and q.dtype in (torch.bfloat16, torch.float16)
     use_dot = native_dot if use_dot is None else use_dot
-    tiling = bound_tiling(n_pages, use_dot)
+    tiling = bound_tiling(use_dot)
     block_p = block_p or tiling[0]
     blocks_per_program = blocks_per_program or tiling[1]
     num_stages = num_stages or tiling[2]
