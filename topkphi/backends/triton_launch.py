@@ -64,9 +64,19 @@ def _interpreting(t: torch.Tensor) -> bool:
 def chain_launches(t: torch.Tensor) -> bool:
     """Whether the step's kernels launch as programmatic dependents of one another (PDL, sm90+): each
     starts while its predecessor drains and waits for it in-kernel (``TOPKPHI_PDL=0`` turns it off)."""
-    if _interpreting(t) or os.environ.get("TOPKPHI_PDL", "1") == "0":
+    if _interpreting(t) or os.environ.get("TOPKPHI_PDL", "1") == "0" or not _triton_has_pdl():
         return False
     return torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+@functools.cache
+def _triton_has_pdl() -> bool:
+    # gdc_wait and launch_pdl came with Triton 3.3; the [cuda] extra admits 3.2
+    try:
+        import triton.language.extra.cuda as cuda_extra
+    except ImportError:
+        return False
+    return hasattr(cuda_extra, "gdc_wait")
 
 
 def default_split(n_tokens: int, n_heads: int, block_n: int, n_sms: int) -> int:
