@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call, what to run named by words: tests (all GPU parity tests), select-tests (page
-# selection only), cli-tests (inspect-heads on the GPU), variants (benchmarks/select_variants.py), step
+# selection only), cli-tests (inspect-heads and the chat engine on the GPU), variants (benchmarks/select_variants.py), step
 # (benchmarks/decode_attention.py, page selection), step-long (the same at 128k and 512k only), kernel
 # (benchmarks/kernel_decode.py at 2k-8k read tokens), kernel-2k (at 2116 read tokens). Logs go to $OUT.
 #   bash benchmarks/gpu_check.sh "tests step"        # default: tests step
@@ -21,7 +21,8 @@ if [[ $what == *" select-tests "* ]]; then
     | tee "$OUT/tests.log"
 fi
 if [[ $what == *" cli-tests "* ]]; then
-  timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/commands/test_inspect_heads.py -k cuda 2>&1 \
+  timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/commands/test_inspect_heads.py \
+    tests/integrations/test_hf.py -k cuda 2>&1 \
     | tail -5 | tee "$OUT/cli_tests.log"
 fi
 if [[ $what == *" variants "* ]]; then
