@@ -1,9 +1,10 @@
 """Variants of the page-selection kernels on the GPU: the bound kernel's form (elementwise fp32 or two
-tensor-core products), tile and warps, and the threshold kernel. Bound variants report their largest
+tensor-core products), tile and warps, and the threshold kernel (probes per search pass, warps; and the
+whole step with phi for two probe counts). Bound variants report their largest
 difference from the elementwise bound (scaled by its largest value) and check their sub-block maxima;
 selections are checked against the torch.topk path (same read index). Timed as CUDA-graph replays.
 
-    python benchmarks/select_variants.py [--n 131072 524288] [--top-k 256 2048]
+    python benchmarks/select_variants.py [--n 131072 524288] [--top-k 256 2048] [--all-bounds]
 
 B=1, Hq=32, Hkv=8, d=128, bf16, page size 16, sink 4 + tail 64 (Llama-3-8B decode shapes).
 """
@@ -17,6 +18,7 @@ import sys
 import torch
 
 import topkphi
+import topkphi.backends.triton_backend as triton_backend
 from topkphi.backends.triton_select import SUB_BLOCK, page_bounds, page_read_set
 from topkphi.regions import Regions, n_selected_pages
 
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[131072, 524288])
     parser.add_argument("--top-k", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--all-bounds", action="store_true", help="time every bound tiling, not only the defaults")
     args = parser.parse_args()
     B, Hq, Hkv, d, page = 1, 32, 8, 128, 16
     copy = hbm_copy_gbs()
@@ -47,8 +50,9 @@ def main() -> None:
         # (block_p, warps, blocks per program, stages, tensor-core form); the elementwise default first
         # (None: the default tiling of that form, bound_tiling)
         variants = [(None, None, None, None, False), (None, None, None, None, True)]
-        variants += [(bp, w, 1, 1, True) for bp in (64, 128) for w in (4, 8)]
-        variants += [(bp, 4, per, 2, True) for bp in (64, 128) for per in (2, 4)]
+        if args.all_bounds:  # the tilings measured for bound_tiling (docs/BENCHMARKS.md)
+            variants += [(bp, w, 1, 1, True) for bp in (64, 128) for w in (4, 8)]
+            variants += [(bp, 4, per, 2, True) for bp in (64, 128) for per in (2, 4)]
         for block_p, warps, per, stages, use_dot in variants:
             fn = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau, block_p=block_p,
                                    sub_block=SUB_BLOCK, num_warps=warps, blocks_per_program=per, num_stages=stages,
@@ -74,14 +78,26 @@ def main() -> None:
         for top_k in args.top_k:
             n_take = n_selected_pages(top_k, page, summary.n_pages)
             ref = page_read_set(q, summary, tau, n_take, page, regions, selector="topk")
-            for tile in (2048,):
-                for warps in (8,):
+            for probes in (4, 8, 16):
+                for warps in (4, 8):
                     fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions,
-                                           selector="threshold", tile=tile, select_warps=warps)
+                                           selector="threshold", select_warps=warps, probes=probes)
                     same = torch.equal(fn().idx, ref.idx)
                     ms = graph_ms(fn, args.reps)
-                    rows.append((n, f"select K={top_k}", f"tile={tile} warps={warps} same={same}", ms, None))
+                    rows.append((n, f"select K={top_k}", f"probes={probes} warps={warps} same={same}", ms, None))
                     print(rows[-1], flush=True)
+            # the whole step with phi, default search against the 16-probe one
+            step_cfg = topkphi.Config(n_sink=4, n_tail=64, top_k=top_k, selection="page", page_size=page,
+                                      feature_map="prf", n_features=64)
+            step_summary = be.build_summary(k, k, step_cfg)
+            for probes in (4, 16):
+                triton_backend.page_read_set = functools.partial(page_read_set, probes=probes)
+                try:
+                    ms = graph_ms(functools.partial(be.decode, q, k, k, step_summary, step_cfg), args.reps)
+                finally:
+                    triton_backend.page_read_set = page_read_set
+                rows.append((n, f"step+phi K={top_k}", f"probes={probes}", ms, None))
+                print(rows[-1], flush=True)
             fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions, selector="topk")
             rows.append((n, f"select K={top_k}", "torch.topk path", graph_ms(fn, args.reps), None))
     print(f"\n{'N':>7s} {'stage':>14s} {'variant':>52s} {'us':>7s} {'GB/s':>6s}")
