@@ -1,6 +1,5 @@
 """Variants of the page-selection kernels on the GPU: the bound kernel's form (elementwise fp32 or two
-tensor-core products), tile and warps, and the threshold kernel (probes per search pass, warps; and the
-whole step with phi for two probe counts). Bound variants report their largest
+tensor-core products), tile and warps, and the threshold kernel's warps. Bound variants report their largest
 difference from the elementwise bound (scaled by its largest value) and check their sub-block maxima;
 selections are checked against the torch.topk path (same read index). Timed as CUDA-graph replays.
 
@@ -18,7 +17,6 @@ import sys
 import torch
 
 import topkphi
-import topkphi.backends.triton_backend as triton_backend
 from topkphi.backends.triton_select import SUB_BLOCK, page_bounds, page_read_set
 from topkphi.regions import Regions, n_selected_pages
 
@@ -78,25 +76,12 @@ def main() -> None:
         for top_k in args.top_k:
             n_take = n_selected_pages(top_k, page, summary.n_pages)
             ref = page_read_set(q, summary, tau, n_take, page, regions, selector="topk")
-            for probes in (4, 8, 16):
-                for warps in (4, 8):
-                    fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions,
-                                           selector="threshold", select_warps=warps, probes=probes)
-                    same = torch.equal(fn().idx, ref.idx)
-                    ms = graph_ms(fn, args.reps)
-                    rows.append((n, f"select K={top_k}", f"probes={probes} warps={warps} same={same}", ms, None))
-                    print(rows[-1], flush=True)
-            # the whole step with phi, default search against the 16-probe one
-            step_cfg = topkphi.Config(n_sink=4, n_tail=64, top_k=top_k, selection="page", page_size=page,
-                                      feature_map="prf", n_features=64)
-            step_summary = be.build_summary(k, k, step_cfg)
-            for probes in (4, 16):
-                triton_backend.page_read_set = functools.partial(page_read_set, probes=probes)
-                try:
-                    ms = graph_ms(functools.partial(be.decode, q, k, k, step_summary, step_cfg), args.reps)
-                finally:
-                    triton_backend.page_read_set = page_read_set
-                rows.append((n, f"step+phi K={top_k}", f"probes={probes}", ms, None))
+            for warps in (4, 8):
+                fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions,
+                                       selector="threshold", select_warps=warps)
+                same = torch.equal(fn().idx, ref.idx)
+                ms = graph_ms(fn, args.reps)
+                rows.append((n, f"select K={top_k}", f"threshold warps={warps} same={same}", ms, None))
                 print(rows[-1], flush=True)
             fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions, selector="topk")
             rows.append((n, f"select K={top_k}", "torch.topk path", graph_ms(fn, args.reps), None))

@@ -109,7 +109,7 @@ def fits(n_take: int, page_size: int) -> bool:
 
 def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, te_summary=0.0, te_selection=0.0,
                   topk_chunk: int | None = None, selector: str | None = None, tile: int | None = None,
-                  select_warps: int = 8, probes: int = 4):
+                  select_warps: int = 8):
     """Page selection of one step (SPEC 3) as a ``PageReadSet``; needs ``n_take < n_pages``.
 
     ``selector``: ``"threshold"`` (default): the bound kernel also writes sub-block maxima and one
@@ -118,8 +118,7 @@ def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, 
     kernel. None reads ``TOPKPHI_PAGE_SELECT``. Both give the SPEC's pages exactly. ``tile``: how many
     sub-block maxima and candidate pages the threshold kernel keeps in registers (a power of two >=
     ``SUB_BLOCK``; None: ``select_tile(n_take)``); rows past it take the kernel's chunked path (tests
-    shrink it to reach that path). ``probes``: the key searches narrow their interval ``probes``-fold per
-    pass (a power of two >= 4; 4 packs three counts into one reduction, more count in one 2-D reduction).
+    shrink it to reach that path).
 
     ``regions``: ``topkphi.regions.Regions`` of the cache; ``te_summary``/``te_selection``: the
     token-equivalents of the summary and of the metadata read (SPEC 6), added to ``n_read``.
@@ -161,7 +160,7 @@ def page_read_set(q, summary, tau: float, n_take: int, page_size: int, regions, 
         pages = torch.empty(rows, block_k, dtype=torch.int32, device=dev)
         select_pages_kernel[(rows,)](
             u, bm, work, pages, *outputs, n_pages, u.stride(-2), n_sb, bm.stride(-2), *common,
-            SB=SUB_BLOCK, CH=tile, CHS=tile // SUB_BLOCK, **blocks, num_warps=select_warps, GDC=chained, NP=probes,
+            SB=SUB_BLOCK, CH=tile, CHS=tile // SUB_BLOCK, **blocks, num_warps=select_warps, GDC=chained,
             **(dict(launch_pdl=True) if chained else {}),
         )
         return PageReadSet(idx, n_read, n_sel, n_anchor, False, n_read32, n_anchor32, te, chained)

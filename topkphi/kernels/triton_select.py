@@ -251,36 +251,25 @@ def _kth_largest_key(ptr, n, kth, CH: tl.constexpr):
 
 
 @triton.jit
-def _search_tile(keys, kth, lo, hi, stop_at, NP: tl.constexpr):
+def _search_tile(keys, kth, lo, hi, stop_at):
     """Narrow ``[lo, hi)`` around the ``kth`` largest of an int32 register tile of keys (padding
-    INT32_MIN), keeping ``count(keys >= lo) >= kth > count(keys >= hi)``. NP == 4: three probes per pass,
-    their counts packed into one int64 reduction; NP > 4 (a power of two): NP - 1 probes per pass counted
-    by one reduction of an ``[NP, tile]`` comparison, so a pass narrows NP-fold. Stops once ``count(keys
-    >= lo) <= stop_at`` or the interval is one key wide (then lo is the kth largest). Returns ``lo``."""
+    INT32_MIN), keeping ``count(keys >= lo) >= kth > count(keys >= hi)``; three probes per pass, their
+    counts packed into one int64 reduction. Stops once ``count(keys >= lo) <= stop_at`` or the interval
+    is one key wide (then lo is the kth largest). Returns ``lo`` (int64)."""
     cnt = tl.sum((keys >= lo.to(tl.int32)).to(tl.int32), axis=0)
     while (hi - lo > 1) & (cnt > stop_at):
         w = hi - lo
-        if NP == 4:
-            p1 = lo + w // 4
-            p2 = lo + w // 2
-            p3 = lo + w - w // 4
-            packed = tl.sum((keys >= p1.to(tl.int32)).to(tl.int64) + ((keys >= p2.to(tl.int32)).to(tl.int64) << 16)
-                            + ((keys >= p3.to(tl.int32)).to(tl.int64) << 32), axis=0)
-            c1 = (packed & 0xFFFF).to(tl.int32)
-            c2 = ((packed >> 16) & 0xFFFF).to(tl.int32)
-            c3 = (packed >> 32).to(tl.int32)
-            new_lo = tl.where(c3 >= kth, p3, tl.where(c2 >= kth, p2, tl.where(c1 >= kth, p1, lo)))
-            new_hi = tl.where(c3 >= kth, hi, tl.where(c2 >= kth, p3, tl.where(c1 >= kth, p2, p1)))
-            cnt = tl.where(c3 >= kth, c3, tl.where(c2 >= kth, c2, tl.where(c1 >= kth, c1, cnt)))
-        else:
-            # probe i sits at lo + i w / NP (probe 0 = lo, whose count is cnt >= kth); counts fall with i
-            i = tl.arange(0, NP).to(tl.int64)
-            probe = lo + (w * i) // NP
-            counts = tl.sum((keys[None, :] >= probe.to(tl.int32)[:, None]).to(tl.int32), axis=1)
-            reach = counts >= kth
-            new_lo = tl.max(tl.where(reach, probe, lo), axis=0)
-            new_hi = tl.min(tl.where(reach, hi, probe), axis=0)
-            cnt = tl.min(tl.where(reach, counts, 2147483647), axis=0)
+        p1 = lo + w // 4
+        p2 = lo + w // 2
+        p3 = lo + w - w // 4
+        packed = tl.sum((keys >= p1.to(tl.int32)).to(tl.int64) + ((keys >= p2.to(tl.int32)).to(tl.int64) << 16)
+                        + ((keys >= p3.to(tl.int32)).to(tl.int64) << 32), axis=0)
+        c1 = (packed & 0xFFFF).to(tl.int32)
+        c2 = ((packed >> 16) & 0xFFFF).to(tl.int32)
+        c3 = (packed >> 32).to(tl.int32)
+        new_lo = tl.where(c3 >= kth, p3, tl.where(c2 >= kth, p2, tl.where(c1 >= kth, p1, lo)))
+        new_hi = tl.where(c3 >= kth, hi, tl.where(c2 >= kth, p3, tl.where(c1 >= kth, p2, p1)))
+        cnt = tl.where(c3 >= kth, c3, tl.where(c2 >= kth, c2, tl.where(c1 >= kth, c1, cnt)))
         lo = new_lo
         hi = new_hi
     return lo
@@ -320,7 +309,6 @@ def select_pages_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_PAD: tl.constexpr,
     GDC: tl.constexpr = False,
-    NP: tl.constexpr = 4,
 ):
     """The ``n_take`` pages of largest bound, ties to the smaller page, without a sort of the row.
 
@@ -357,7 +345,7 @@ def select_pages_kernel(
     if n_sb >= n_take:
         if n_sb <= CH:
             lo = tl.min(tl.where(sb_ok, bm_keys, 2147483647), axis=0).to(tl.int64)
-            t_key = _search_tile(bm_keys, n_take, lo, tl.max(bm_keys, axis=0).to(tl.int64) + 1, CHS, NP)
+            t_key = _search_tile(bm_keys, n_take, lo, tl.max(bm_keys, axis=0).to(tl.int64) + 1, CHS)
         else:
             for start in range(0, n_sb, CH):
                 o = start + offs
@@ -388,7 +376,7 @@ def select_pages_kernel(
         ok = tl.reshape((js < n_csb) & (ii < SB), [CHS * SB]) & (page < n_pages)
         key = tl.where(ok, _order_key(tl.load(u_row + page, mask=ok, other=0.0)), -2147483648)
         # stops at the exact cut value, or earlier where exactly n_take keys reach lo (no tie at the cut)
-        m_key = _search_tile(key, n_take, t_key, tl.max(key, axis=0).to(tl.int64) + 1, n_take, NP)
+        m_key = _search_tile(key, n_take, t_key, tl.max(key, axis=0).to(tl.int64) + 1, n_take)
         m32 = m_key.to(tl.int32)
         need = n_take - tl.sum((key > m32).to(tl.int32), axis=0)
         eq = key == m32
