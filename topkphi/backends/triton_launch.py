@@ -57,14 +57,15 @@ def _n_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _interpreting(t: torch.Tensor) -> bool:
+def interpreting(t: torch.Tensor) -> bool:
+    """Whether Triton kernels on ``t`` run in the interpreter (CPU tensors or ``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type == "cpu"
 
 
 def chain_launches(t: torch.Tensor) -> bool:
     """Whether the step's kernels launch as programmatic dependents of one another (PDL, sm90+): each
     starts while its predecessor drains and waits for it in-kernel (``TOPKPHI_PDL=0`` turns it off)."""
-    if _interpreting(t) or os.environ.get("TOPKPHI_PDL", "1") == "0" or not _triton_has_pdl():
+    if interpreting(t) or os.environ.get("TOPKPHI_PDL", "1") == "0" or not _triton_has_pdl():
         return False
     return torch.cuda.get_device_capability(t.device)[0] >= 9
 
@@ -155,7 +156,7 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
         M, n_ph, norm_coef = 1, 1, 0.0
         wq = bq = wk = bk = s_sum = z_sum = c_sum = n_anchor = n_read  # never read
 
-    interp = _interpreting(q)
+    interp = interpreting(q)
     f32_dots = interp or q.dtype == torch.float32
     lo = 16  # GPU tl.dot needs every dim >= 16; the interpreter runs the same padded shapes
     GP, BD, BDV, BM = _p2(G, lo), _p2(D, lo), _p2(DV, lo), _p2(M, lo)

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from topkphi.backends.torch_ops import ReadSet
-from topkphi.backends.triton_launch import chain_launches
+from topkphi.backends.triton_launch import chain_launches, interpreting
 from topkphi.kernels.triton_select import page_bounds_kernel, read_index_kernel, select_pages_kernel
 
 MAX_TILE = 1 << 15  # chosen pages x page size handled by one read-index program
@@ -24,7 +24,7 @@ SUB_BLOCK = 16  # pages per sub-block maximum that the threshold selection bisec
 
 
 def bound_tiling(use_dot: bool) -> tuple[int, int, int, int]:
-    """(block_p, blocks_per_program, num_stages, num_warps) of the bound kernel. Tensor-core form,
+    """(block_p, blocks_per_program, num_stages, num_warps; 0: by tile size) of the bound kernel. Tensor-core form,
     measured on an H200 (bf16, d 128, G 4, 8 rows, benchmarks/select_variants.py): two pipelined blocks
     of 64 pages on 4 warps, 11.6 us at 8k pages per row (13.3 for one block of 128, 18.1 for 64 on 8
     warps) and 37.3 us at 32k (41.2 to 61.0 for the one-block tilings)."""
@@ -79,7 +79,7 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: fl
     block_p = block_p or tiling[0]
     blocks_per_program = blocks_per_program or tiling[1]
     num_stages = num_stages or tiling[2]
-    num_warps = num_warps or tiling[3]
+    num_warps = num_warps or tiling[3] or (8 if block_p * _p2(D, 16) >= 8192 else 4)
     # rows padded to multiples of 16 (with -inf): a row stride that moves with the context would
     # either recompile the kernels or cost them their vectorized accesses
     u = torch.empty(B, Hkv, _round16(row), dtype=torch.float32, device=q.device)
@@ -91,8 +91,7 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: fl
             q, kmin, kmax, u, bm, bm.shape[-1], *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, n_pages,
             u.shape[-1], D, float(tau), blocks_per_program, G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=_p2(D, 16),
             SB=sub_block, NUM_STAGES=num_stages, USE_DOT=use_dot, GP=_p2(Hq // Hkv, 16), GDC=chained,
-            DOT_F32=not native_dot or os.environ.get("TRITON_INTERPRET", "0") == "1" or q.device.type == "cpu",
-            num_warps=num_warps or (8 if block_p * _p2(D, 16) >= 8192 else 4),
+            DOT_F32=not native_dot or interpreting(q), num_warps=num_warps,
         )
     u = u[..., :row]
     return (u, bm) if sub_block else u

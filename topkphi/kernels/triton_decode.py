@@ -89,6 +89,14 @@ def query_features(
 
 
 @triton.jit
+def _load_wk(wk_ptrs, wk_mask, k_ptr, F32_DOTS: tl.constexpr):
+    """W_k [BLOCK_M, BLOCK_D] for l_k = k W_k^T: for 16-bit caches in the cache dtype, so l_k runs on the
+    tensor cores (error ~1e-3 of |l_k|)."""
+    wk = tl.load(wk_ptrs, mask=wk_mask, other=0.0)
+    return wk.to(tl.float32) if F32_DOTS else wk.to(k_ptr.dtype.element_ty)
+
+
+@triton.jit
 def summary_readout(
     f, s_ptr, z_ptr, bh, M, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, USE_DOT: tl.constexpr
 ):
@@ -253,9 +261,7 @@ def decode_kernel(
         wk_ptrs = wk_ptr + hp * M * D + offs_m[:, None] * D + offs_d[None, :]
         wk_mask = mm[:, None] & dmask[None, :]
         if not STREAM_WK:
-            wk = tl.load(wk_ptrs, mask=wk_mask, other=0.0)
-            # 16-bit caches: l_k on the tensor cores in the cache dtype (error ~1e-3 of |l_k|)
-            wk = wk.to(tl.float32) if F32_DOTS else wk.to(k_ptr.dtype.element_ty)
+            wk = _load_wk(wk_ptrs, wk_mask, k_ptr, F32_DOTS)
         bk = tl.load(bk_ptr + hp * M + offs_m, mask=mm, other=0.0).to(tl.float32)
     if GDC:
         tl.extra.cuda.gdc_wait()
@@ -296,8 +302,7 @@ def decode_kernel(
         m_i = m_new
         if HAS_PHI:
             if STREAM_WK:  # reloaded per tile (an L1/L2 hit) instead of held: fewer registers per program
-                wk = tl.load(wk_ptrs, mask=wk_mask, other=0.0)
-                wk = wk.to(tl.float32) if F32_DOTS else wk.to(k_ptr.dtype.element_ty)
+                wk = _load_wk(wk_ptrs, wk_mask, k_ptr, F32_DOTS)
             kf = k.to(tl.float32)
             lk = tl.dot(k, tl.trans(wk), input_precision=PREC) * sqrt_scale + bk[None, :]
             lk = lk - half_nc_scale * tl.sum(kf * kf, 1)[:, None]
