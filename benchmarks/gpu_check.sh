@@ -2,7 +2,8 @@
 # One device call, what to run named by words: tests (all GPU parity tests), select-tests (page
 # selection only), cli-tests (inspect-heads and the chat engine on the GPU), variants (benchmarks/select_variants.py), step
 # (benchmarks/decode_attention.py, page selection), step-long (the same at 128k and 512k only), kernel
-# (benchmarks/kernel_decode.py at 2k-8k read tokens), kernel-2k (at 2116 read tokens). Logs go to $OUT.
+# (benchmarks/kernel_decode.py at 2k-8k read tokens), kernel-2k (at 2116 read tokens), kernel-tests (the decode
+# kernel and backend parity tests), ncu (Nsight Compute on the 128k step's kernels). Logs go to $OUT.
 #   bash benchmarks/gpu_check.sh "tests step"        # default: tests step
 set -o pipefail
 OUT=${OUT:-/tmp/topkphi-gpu}
@@ -34,6 +35,20 @@ fi
 if [[ $what == *" step-long "* ]]; then
   timeout 300 python3 benchmarks/decode_attention.py --selection page --n 131072 524288 --top-k 256 2048 --reps 30 \
     2>&1 | tee "$OUT/decode_attention_long.log"
+fi
+if [[ $what == *" kernel-tests "* ]]; then
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_triton_decode.py \
+    tests/backends/test_triton_backend.py 2>&1 | tail -15 | tee "$OUT/kernel_tests.log"
+fi
+if [[ $what == *" ncu "* ]]; then  # the step's kernels at 128k, top_k 2048, with phi (second step of two)
+  timeout 300 ncu --clock-control none -k regex:'select_pages|decode_kernel|page_bounds|merge' -s 4 -c 4 \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
+    python3 benchmarks/decode_attention.py --ncu --n 131072 --top-k 2048 2>&1 | tail -600 > "$OUT/ncu.log"
+  TOPKPHI_PHI_APART=0 timeout 200 ncu --clock-control none -k regex:'decode_kernel' -s 1 -c 1 \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section SchedulerStats --section ComputeWorkloadAnalysis python3 benchmarks/decode_attention.py --ncu \
+    --n 131072 --top-k 2048 2>&1 | tail -300 > "$OUT/ncu_joint.log"; tail -3 "$OUT/ncu.log" "$OUT/ncu_joint.log"
 fi
 if [[ $what == *" kernel-2k "* ]]; then
   timeout 200 python3 benchmarks/kernel_decode.py --ns 131072 --ks 2048 --out "$OUT" 2>&1 | tee "$OUT/kernel_decode.log"

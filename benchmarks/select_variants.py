@@ -76,7 +76,7 @@ def main() -> None:
         for top_k in args.top_k:
             n_take = n_selected_pages(top_k, page, summary.n_pages)
             ref = page_read_set(q, summary, tau, n_take, page, regions, selector="topk")
-            for warps in (4, 8):
+            for warps in (4, 8, 16):
                 fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions,
                                        selector="threshold", select_warps=warps)
                 same = torch.equal(fn().idx, ref.idx)

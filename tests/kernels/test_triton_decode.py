@@ -174,6 +174,7 @@ def run_case(
     idx_dtype=torch.int32,
     n_read_none=False,
     stream_wk=False,
+    phi_apart=None,
     **kw,
 ):
     (tq, tk, tv), (q, k, v), idx, n_read, ph = make_problem(B, Hkv, G, N, d, dtype, phi=phi, **kw)
@@ -194,6 +195,7 @@ def run_case(
         split=split,
         block_n=16,
         stream_wk=stream_wk,
+        phi_apart=phi_apart,
     )
     assert out.dtype == dtype and out.shape == ref_out.shape and rho.shape == ref_rho.shape
     out, rho = out.double().cpu().numpy(), rho.double().cpu().numpy()
@@ -228,6 +230,25 @@ def test_parity_dtypes_and_split(dtype, phi, split):
 @pytest.mark.parametrize("split", [None, 16])
 def test_w_k_reloaded_per_tile(dtype, split):
     run_case(G=4, d=64, dtype=dtype, phi="per_head", split=split, N=400, K=60, B=2, stream_wk=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("phi", ["shared", "per_head"])
+@pytest.mark.parametrize("stream_wk", [False, True])
+def test_phi_in_programs_of_its_own_and_joint(dtype, phi, stream_wk):
+    """The phi work in programs of its own (PHI_APART) and in the softmax programs: both match the oracle."""
+    for apart in (True, False):
+        run_case(G=4, d=64, dtype=dtype, phi=phi, split=16, N=400, K=60, B=2, stream_wk=stream_wk, phi_apart=apart)
+
+
+@pytest.mark.parametrize("phi_apart", [True, False])
+def test_phi_apart_edges(phi_apart):
+    """Splits holding only anchors, holes (-1) and an empty summary, with the phi work apart or joint."""
+    run_case(phi="shared", holes=True, idx_dtype=torch.int64, split=16, phi_apart=phi_apart)
+    run_case(phi="per_head", n_tail=40, split=16, phi_apart=phi_apart)  # splits 0-1: anchors only
+    _, ref_rho = run_case(phi="shared", empty_summary=True, split=16, phi_apart=phi_apart)
+    assert (ref_rho == 0).all()
+    run_case(N=3000, K=600, G=3, phi="per_head", split=16, phi_apart=phi_apart, score_max=1e3)
 
 
 def test_split_more_heads():
