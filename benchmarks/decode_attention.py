@@ -84,8 +84,7 @@ def graph_ms(fn, reps: int):
 def page_stages(be, q, k, v, summary, cfg, reps: int):
     """Per-stage page selection times in ms (graph replays unless named eager):
     (topk step, threshold step eager, threshold step, bound + sub-block maxima, threshold select, attend,
-    elementwise bound, step without programmatic dependent launches, and with phi: the step and attend
-    with the phi work inside the softmax programs).
+    elementwise bound, step without programmatic dependent launches).
     "topk" is the previous path (bound, torch.topk, read-index kernel); "threshold" the default."""
     from topkphi.backends.torch_ops import PhiTensors
     from topkphi.backends.triton_select import SUB_BLOCK, page_bounds
@@ -110,14 +109,8 @@ def page_stages(be, q, k, v, summary, cfg, reps: int):
            graph_ms(attend, reps), graph_ms(bound_elem, reps))
     os.environ["TOPKPHI_PDL"] = "0"  # the same step with plain launches, in the same run
     plain_step = graph_ms(step, reps)
-    del os.environ["TOPKPHI_PDL"]
-    joint_step = joint_attend = None
-    if phi is not None:  # the phi work inside the softmax programs (the previous default)
-        os.environ["TOPKPHI_PHI_APART"] = "0"
-        joint_step, joint_attend = graph_ms(step, reps), graph_ms(attend, reps)
-        del os.environ["TOPKPHI_PHI_APART"]
-    del os.environ["TOPKPHI_PAGE_SELECT"]
-    return (*out, plain_step, joint_step, joint_attend)
+    del os.environ["TOPKPHI_PDL"], os.environ["TOPKPHI_PAGE_SELECT"]
+    return (*out, plain_step)
 
 
 def main() -> None:
@@ -192,17 +185,15 @@ def main() -> None:
         print("\npage selection per stage, us (g = CUDA-graph replay, e = eager); topk = bound + torch.topk + "
               "read-index kernel, thr = bound with sub-block maxima + threshold select kernel (default)")
         print(f"{'N':>7s} {'method':>10s} {'top_k':>5s} {'dense':>7s} {'topk g':>7s} {'thr e':>7s} {'thr g':>7s} "
-              f"{'bound g':>7s} {'select g':>8s} {'attend g':>8s} {'x dense':>7s} {'bnd elem':>8s} {'no pdl':>7s} "
-              f"{'joint':>7s} {'att jnt':>7s}")
+              f"{'bound g':>7s} {'select g':>8s} {'attend g':>8s} {'x dense':>7s} {'bnd elem':>8s} {'no pdl':>7s}")
         for n, method, top_k, dense_ms, *t in stages:
             f = lambda x: "-" if x is None else f"{1000 * x:.1f}"  # noqa: E731
             best = min(x for x in (t[1], t[2]) if x is not None)
             print(f"{n:>7d} {method:>10s} {top_k:>5d} {1000 * dense_ms:7.1f} {f(t[0]):>7s} {f(t[1]):>7s} "
                   f"{f(t[2]):>7s} {f(t[3]):>7s} {f(t[4]):>8s} {f(t[5]):>8s} {dense_ms / best:7.2f} "
-                  f"{f(t[6]):>8s} {f(t[7]):>7s} {f(t[8]):>7s} {f(t[9]):>7s}")
+                  f"{f(t[6]):>8s} {f(t[7]):>7s}")
         print("bound = tensor-core bound (default for 16-bit caches), bnd elem = the elementwise fp32 bound; "
-              "no pdl = the default step with plain launches (TOPKPHI_PDL=0), thr g chains them; joint, att jnt = "
-              "the step and attend with the phi work inside the softmax programs (TOPKPHI_PHI_APART=0)")
+              "no pdl = the default step with plain launches (TOPKPHI_PDL=0), thr g chains them")
     print(f"HBM copy {copy_gbs:.0f} GB/s; ms are medians of {args.reps} CUDA-event timings after warm-up")
     print("command: python " + " ".join(sys.argv))
 

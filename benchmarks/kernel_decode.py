@@ -215,10 +215,7 @@ def main():
         dict(block_n=64, split=1 << 20, num_warps=4),  # one program per KV head, no merge
     ]
     configs += [dict(stream_wk=True), dict(stream_wk=True, num_warps=8), dict(stream_wk=True, block_n=32, split=64)]
-    # the phi work in programs of its own (the default with phi) or inside the softmax programs
-    configs += [dict(phi_apart=False), dict(phi_apart=False, num_warps=8), dict(phi_apart=True, block_n=64, split=256)]
-    configs += [dict(phi_apart=True, block_n=bn, split=bn * t, num_warps=w) for bn in (32, 64) for t in (1, 2)
-                for w in (4, 8)]
+    configs += [dict(phi_dot16=False), dict(phi_dot16=False, block_n=64, split=256)]  # w = f . f_k in tf32
     table = []
     for N in [int(x) for x in args.ns.split(",")]:
         t_sdpa = None
@@ -281,9 +278,7 @@ def main():
                 table.append(row)
                 print(json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "all"}), flush=True)
                 if use_phi:
-                    print("  graph us by config: " + ", ".join(
-                        f"{c} {1e3 * t[1]:.1f}" for c, t in times.items() if "phi_apart" in c or c == "null"
-                    ), flush=True)
+                    print("  graph us: " + ", ".join(f"{c} {1e3 * t[1]:.1f}" for c, t in times.items()), flush=True)
             if N == 131072 and K == 2048:
                 profile_kernels(q, k, v, idx, n_read, phi, scale, log)
             del q, k, v, idx, phi

@@ -88,14 +88,8 @@ def default_split(n_tokens: int, n_heads: int, block_n: int, n_sms: int) -> int:
     return per_split * block_n
 
 
-def phi_apart_default(has_phi: bool, n_splits: int) -> bool:
-    """Whether the phi work runs in programs of its own (``PHI_APART``): with phi and more than one split,
-    unless ``TOPKPHI_PHI_APART=0`` (for same-run comparisons)."""
-    return has_phi and n_splits > 1 and os.environ.get("TOPKPHI_PHI_APART", "1") != "0"
-
-
 def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=None, block_n=64, num_warps=4,
-                 stream_wk=False, chained=False, phi_apart=None):
+                 stream_wk=False, chained=False, phi_dot16=True):
     """Attention of one decode query per sequence over an explicit read set, with phi completion.
 
     Args:
@@ -110,9 +104,8 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
         ``>= R`` runs the single-kernel path; smaller values add a merge kernel (flash-decoding).
       block_n, num_warps: tile of gathered tokens and warps per program.
       stream_wk: with phi, reload ``w_k`` per tile instead of holding it in registers.
-      phi_apart: with phi and splits, each split's phi work (``w = f . f_k``, ``sum w v`` over its
-        retrieved entries) runs in a program of its own beside the split's softmax program; None:
-        ``phi_apart_default``. Ignored without phi or with one split.
+      phi_dot16: with phi and a 16-bit cache, the retrieved tokens' weights ``w = f . f_k`` are one
+        tensor-core product in the cache dtype (f, f_k lie in [0, 1]) instead of tf32.
       chained: launch as a programmatic dependent (``chain_launches``) of the kernel that wrote
         ``read_idx``, ``n_read`` and ``phi.n_anchor``; everything else must be older than that kernel.
 
@@ -176,10 +169,6 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
     split = max(block_n, triton.cdiv(split, block_n) * block_n)
     n_splits = triton.cdiv(max(R, 1), split)
 
-    if phi_apart is None:
-        phi_apart = phi_apart_default(has_phi, n_splits)
-    phi_apart = bool(phi_apart) and has_phi and n_splits > 1
-
     out = torch.empty(B, Hq, DV, dtype=q.dtype, device=dev)
     rho = torch.empty(B, Hq, dtype=torch.float32, device=dev)
     if n_splits > 1:
@@ -188,14 +177,15 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
         pacc = torch.empty(B * Hkv, n_splits, G, DV, dtype=torch.float32, device=dev)
         if has_phi:
             pw, pwv, plam = torch.empty_like(pl), torch.empty_like(pacc), torch.empty_like(rho)
+            pfs, pfz = torch.empty_like(out, dtype=torch.float32), torch.empty_like(rho)
         else:
-            pw, pwv, plam = pl, pacc, rho  # never read
+            pw, pwv, plam, pfs, pfz = pl, pacc, rho, pacc, rho  # never read
     else:
-        pm = pl = pacc = pw = pwv = plam = rho  # never read
+        pm = pl = pacc = pw = pwv = plam = pfs = pfz = rho  # never read
     sqrt_scale, half_nc = math.sqrt(scale), 0.5 * norm_coef * scale
     pdl = dict(launch_pdl=True) if chained else {}
     meta = dict(BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_M=BM, HAS_PHI=has_phi, PHI_PER_HEAD=has_phi and n_ph == Hkv)
-    launched = decode_kernel[(B * Hkv, 2 * n_splits if phi_apart else n_splits)](
+    launched = decode_kernel[(B * Hkv, n_splits)](
         q,
         k,
         v,
@@ -217,6 +207,8 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
         pw,
         pwv,
         plam,
+        pfs,
+        pfz,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -238,7 +230,7 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
         F32_DOTS=f32_dots,
         STREAM_WK=stream_wk,
         GDC=chained,
-        PHI_APART=phi_apart,
+        PHI_DOT16=phi_dot16 and not f32_dots,
         num_warps=num_warps,
         **pdl,
         **meta,
@@ -255,6 +247,8 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, phi=None, split=
                 pw,
                 pwv,
                 plam,
+                pfs,
+                pfz,
                 G,
                 DV,
                 n_splits,

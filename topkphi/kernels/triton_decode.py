@@ -158,145 +158,6 @@ def finish_rows(
     tl.store(rho_ptr + o_rows, rho, mask=rmask)
 
 
-@triton.jit
-def _phi_prologue(
-    q,
-    wq_ptr,
-    bq_ptr,
-    wk_ptr,
-    bk_ptr,
-    k_ptr,
-    hp,
-    sqrt_scale,
-    half_nc_scale,
-    M,
-    D,
-    offs_d,
-    dmask,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
-    F32_DOTS: tl.constexpr,
-    STREAM_WK: tl.constexpr,
-):
-    """What the phi work needs before the read set exists: f, c_q, W_k (unless streamed), b_k, and W_k's
-    pointers and mask (for streaming); reads only q and the map's parameters."""
-    f, cq = query_features(q, wq_ptr, bq_ptr, hp, sqrt_scale, half_nc_scale, M, D, BLOCK_M, BLOCK_D, PREC, True)
-    offs_m = tl.arange(0, BLOCK_M)
-    mm = offs_m < M
-    wk_ptrs = wk_ptr + hp * M * D + offs_m[:, None] * D + offs_d[None, :]
-    wk_mask = mm[:, None] & dmask[None, :]
-    if STREAM_WK:
-        wk = tl.zeros([BLOCK_M, BLOCK_D], k_ptr.dtype.element_ty)  # placeholder: reloaded per tile
-    else:
-        wk = _load_wk(wk_ptrs, wk_mask, k_ptr, F32_DOTS)
-    bk = tl.load(bk_ptr + hp * M + offs_m, mask=mm, other=0.0).to(tl.float32)
-    return f, cq, wk, bk, wk_ptrs, wk_mask, mm
-
-
-@triton.jit
-def _phi_state(c_ptr, nanc_ptr, bh, cq):
-    """(c_safe, lam, t_start) of KV head bh: read-set entries at or past t_start are the retrieved T;
-    none when the summary is empty (C = -inf), and then lam = -inf too."""
-    c_sum = tl.load(c_ptr + bh)
-    have_sum = c_sum > float("-inf")
-    c_safe = tl.where(have_sum, c_sum, 0.0)
-    lam = tl.where(have_sum, cq + c_sum, float("-inf"))
-    t_start = tl.where(have_sum, tl.load(nanc_ptr + bh), 2147483647)
-    return c_safe, lam, t_start
-
-
-@triton.jit
-def _gather_tile(k_cols, v_cols, i_base, offs_j, end, s_ir, s_kn, s_vn, dmask, vmask, F32_DOTS: tl.constexpr):
-    """Keys and values of read entries offs_j (those < end and not -1), and their mask; k_cols, v_cols
-    point at the columns of row 0 of the KV head."""
-    jm = offs_j < end
-    pos = tl.load(i_base + offs_j * s_ir, mask=jm, other=-1)
-    jm = jm & (pos >= 0)
-    pos = pos.to(tl.int64)
-    k = tl.load(k_cols[None, :] + pos[:, None] * s_kn, mask=jm[:, None] & dmask[None, :], other=0.0)
-    v = tl.load(v_cols[None, :] + pos[:, None] * s_vn, mask=jm[:, None] & vmask[None, :], other=0.0)
-    if F32_DOTS:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    return k, v, jm
-
-
-@triton.jit
-def _softmax_tile(q, k, v, jm, m_i, l_i, acc, scale, PREC: tl.constexpr, F32_DOTS: tl.constexpr):
-    """One tile of the online softmax: the running (m, l, acc) after the tile."""
-    if F32_DOTS:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    else:
-        s = tl.dot(q.to(k.dtype), tl.trans(k))
-    s = tl.where(jm[None, :], s * scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = _exp_diff(m_i, m_new)
-    p = _exp_diff(s, m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _key_features(k, ret, wk, bk, c_safe, mm, sqrt_scale, half_nc_scale, PREC: tl.constexpr):
-    """exp(l_k - C) [BLOCK_N, BLOCK_M] of the tile's keys, 0 outside the retrieved entries (mask ret)."""
-    kf = k.to(tl.float32)
-    lk = tl.dot(k, tl.trans(wk), input_precision=PREC) * sqrt_scale + bk[None, :]
-    lk = lk - half_nc_scale * tl.sum(kf * kf, 1)[:, None]
-    return tl.where(ret[:, None] & mm[None, :], tl.exp(lk - c_safe), 0.0)
-
-
-@triton.jit
-def _phi_tile(k, v, ret, f, wk, bk, c_safe, mm, sqrt_scale, half_nc_scale, PREC: tl.constexpr):
-    """The summary's estimate of the tile's retrieved entries (mask ret): (sum_j w_j [R], sum_j w_j v_j [R, dv])."""
-    e = _key_features(k, ret, wk, bk, c_safe, mm, sqrt_scale, half_nc_scale, PREC)
-    w = tl.dot(f, tl.trans(e), input_precision=PREC)
-    return tl.sum(w, 1), tl.dot(w.to(v.dtype), v, input_precision=PREC)
-
-
-@triton.jit
-def _store_softmax_partials(pm_ptr, pl_ptr, pacc_ptr, m_i, l_i, acc, p_off, a_off, rmask, amask):
-    tl.store(pm_ptr + p_off, m_i, mask=rmask)
-    tl.store(pl_ptr + p_off, l_i, mask=rmask)
-    tl.store(pacc_ptr + a_off, acc, mask=amask)
-
-
-@triton.jit
-def _store_phi_partials(
-    pw_ptr,
-    pwv_ptr,
-    plam_ptr,
-    s_ptr,
-    z_ptr,
-    wsum,
-    wv,
-    f,
-    lam,
-    bh,
-    sp,
-    G,
-    M,
-    DV,
-    rows,
-    rmask,
-    p_off,
-    a_off,
-    amask,
-    BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """Split 0 also reads the summary out and stores lam, so the merge needs no feature-map work."""
-    if sp == 0:
-        fs, fz = summary_readout(f, s_ptr, z_ptr, bh, M, DV, BLOCK_M, BLOCK_DV, PREC, True)
-        wv = wv - fs
-        wsum = wsum - fz
-        tl.store(plam_ptr + bh * G + rows, lam, mask=rmask)
-    tl.store(pw_ptr + p_off, -wsum, mask=rmask)
-    tl.store(pwv_ptr + a_off, -wv, mask=amask)
-
-
 # cache strides stay specialized: they carry a factor d (a multiple of 16 on real models), so a
 # growing cache does not change their divisibility, and the hint lets gathered rows load 16 bytes wide
 @triton.jit
@@ -322,6 +183,8 @@ def decode_kernel(
     pw_ptr,
     pwv_ptr,
     plam_ptr,
+    pfs_ptr,
+    pfz_ptr,
     s_qb,
     s_qh,
     s_qd,
@@ -358,19 +221,16 @@ def decode_kernel(
     F32_DOTS: tl.constexpr,
     STREAM_WK: tl.constexpr = False,
     GDC: tl.constexpr = False,
-    PHI_APART: tl.constexpr = False,
+    PHI_DOT16: tl.constexpr = False,
 ):
-    """Grid (B*Hkv, n_splits), or (B*Hkv, 2 * n_splits) with PHI_APART: split s reduces read entries
-    [s*chunk, min((s+1)*chunk, n_read)).
+    """Grid (B*Hkv, n_splits): split s reduces read entries [s*chunk, min((s+1)*chunk, n_read)).
 
-    With phi and splits, split 0 also reads the summary out, so its partials hold
-    ``f^T S - sum w v`` and ``f^T z - sum w`` (the others only ``- sum w v``, ``- sum w``)
-    and it stores lam: the merge kernel then needs no feature-map work.
-    PHI_APART (phi with splits): programs n_splits.. do each split's phi work (only its retrieved
-    entries) and the first n_splits only its softmax, so the two run side by side on different SMs
-    instead of one after the other in one program; the second gather of a tile mostly hits L2.
+    With phi and splits, split 0 also reads the summary out (``f^T S``, ``f^T z``, lam) into buffers of
+    their own, before the chained wait (the summary is older than the chain), so the read-out overlaps
+    the selection; the splits store ``- sum w v``, ``- sum w``; the merge needs no feature-map work.
     GDC: launched as a programmatic dependent of the selection kernel: the prologue (q, f_q, W_k)
     reads only q and the map's parameters, older than that kernel, and overlaps its tail.
+    PHI_DOT16 (16-bit caches): w = f . e^T on the tensor cores in the cache dtype instead of tf32.
     """
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()
@@ -379,7 +239,6 @@ def decode_kernel(
     b = bh // Hkv
     g = bh % Hkv
     PREC: tl.constexpr = "ieee" if F32_DOTS else "tf32"
-    hp = g if PHI_PER_HEAD else 0
 
     rows = tl.arange(0, GP)
     rmask = rows < G
@@ -392,196 +251,121 @@ def decode_kernel(
         mask=rmask[:, None] & dmask[None, :],
         other=0.0,
     ).to(tl.float32)
-    k_cols = k_ptr + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh + offs_d * s_kd
-    v_cols = v_ptr + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vh + offs_v * s_vd
-    i_base = idx_ptr + b.to(tl.int64) * s_ib + g.to(tl.int64) * s_ih
-    amask = rmask[:, None] & vmask[None, :]
 
-    if PHI_APART:
-        if sp >= n_splits:  # a phi program: only the retrieved entries of split sp - n_splits
-            sp = sp - n_splits
-            f, cq, wk, bk, wk_ptrs, wk_mask, mm = _phi_prologue(
-                q,
-                wq_ptr,
-                bq_ptr,
-                wk_ptr,
-                bk_ptr,
-                k_ptr,
-                hp,
-                sqrt_scale,
-                half_nc_scale,
-                M,
-                D,
-                offs_d,
-                dmask,
-                BLOCK_M,
-                BLOCK_D,
-                PREC,
-                F32_DOTS,
-                STREAM_WK,
-            )
-            if GDC:
-                tl.extra.cuda.gdc_wait()
-            c_safe, lam, t_start = _phi_state(c_ptr, nanc_ptr, bh, cq)
-            end = tl.minimum(tl.minimum(tl.load(nread_ptr + bh), R), sp * chunk + chunk)
-            # the split's retrieved entries summarized as the summary is (S_T [m, dv], z_T [m]): one dot with
-            # m = BLOCK_M rows per tile instead of two with R, and f meets them once at the end
-            s_t = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-            z_t = tl.zeros([BLOCK_M], tl.float32)
-            # clamped to end: a start near INT32_MAX (no summary) overflows in the pipelined loop's prologue
-            for j0 in range(tl.minimum(tl.maximum(sp * chunk, t_start), end), end, BLOCK_N):
-                offs_j = j0 + tl.arange(0, BLOCK_N)
-                k, v, jm = _gather_tile(k_cols, v_cols, i_base, offs_j, end, s_ir, s_kn, s_vn, dmask, vmask, F32_DOTS)
-                if STREAM_WK:
-                    wk = _load_wk(wk_ptrs, wk_mask, k_ptr, F32_DOTS)
-                e = _key_features(k, jm, wk, bk, c_safe, mm, sqrt_scale, half_nc_scale, PREC)
-                s_t += tl.dot(tl.trans(e).to(v.dtype), v, input_precision=PREC)
-                z_t += tl.sum(e, 0)
-            wv = tl.dot(f, s_t, input_precision=PREC)
-            wsum = tl.sum(f * z_t[None, :], 1)
-            p_off = (bh * n_splits + sp) * G + rows
-            _store_phi_partials(
-                pw_ptr,
-                pwv_ptr,
-                plam_ptr,
-                s_ptr,
-                z_ptr,
-                wsum,
-                wv,
-                f,
-                lam,
-                bh,
-                sp,
-                G,
-                M,
-                DV,
-                rows,
-                rmask,
-                p_off,
-                p_off[:, None] * DV + offs_v[None, :],
-                amask,
-                BLOCK_M,
-                BLOCK_DV,
-                PREC,
-            )
-        else:  # a softmax program, as without phi
-            if GDC:
-                tl.extra.cuda.gdc_wait()
-            end = tl.minimum(tl.minimum(tl.load(nread_ptr + bh), R), sp * chunk + chunk)
-            m_i = tl.full([GP], float("-inf"), tl.float32)
-            l_i = tl.zeros([GP], tl.float32)
-            acc = tl.zeros([GP, BLOCK_DV], tl.float32)
-            for j0 in range(sp * chunk, end, BLOCK_N):
-                offs_j = j0 + tl.arange(0, BLOCK_N)
-                k, v, jm = _gather_tile(k_cols, v_cols, i_base, offs_j, end, s_ir, s_kn, s_vn, dmask, vmask, F32_DOTS)
-                m_i, l_i, acc = _softmax_tile(q, k, v, jm, m_i, l_i, acc, scale, PREC, F32_DOTS)
-            p_off = (bh * n_splits + sp) * G + rows
-            _store_softmax_partials(
-                pm_ptr, pl_ptr, pacc_ptr, m_i, l_i, acc, p_off, p_off[:, None] * DV + offs_v[None, :], rmask, amask
-            )
-    else:
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, BLOCK_DV], tl.float32)
-        wsum = tl.zeros([GP], tl.float32)
-        wv = tl.zeros([GP, BLOCK_DV], tl.float32)
-        if HAS_PHI:
-            f, cq, wk, bk, wk_ptrs, wk_mask, mm = _phi_prologue(
-                q,
-                wq_ptr,
-                bq_ptr,
-                wk_ptr,
-                bk_ptr,
-                k_ptr,
-                hp,
-                sqrt_scale,
-                half_nc_scale,
-                M,
-                D,
-                offs_d,
-                dmask,
-                BLOCK_M,
-                BLOCK_D,
-                PREC,
-                F32_DOTS,
-                STREAM_WK,
-            )
-        if GDC:
-            tl.extra.cuda.gdc_wait()
-        if HAS_PHI:
-            c_safe, lam, t_start = _phi_state(c_ptr, nanc_ptr, bh, cq)
-        end = tl.minimum(tl.minimum(tl.load(nread_ptr + bh), R), sp * chunk + chunk)
-        for j0 in range(sp * chunk, end, BLOCK_N):
-            offs_j = j0 + tl.arange(0, BLOCK_N)
-            k, v, jm = _gather_tile(k_cols, v_cols, i_base, offs_j, end, s_ir, s_kn, s_vn, dmask, vmask, F32_DOTS)
-            m_i, l_i, acc = _softmax_tile(q, k, v, jm, m_i, l_i, acc, scale, PREC, F32_DOTS)
-            if HAS_PHI:
-                if STREAM_WK:  # reloaded per tile (an L1/L2 hit) instead of held: fewer registers per program
-                    wk = _load_wk(wk_ptrs, wk_mask, k_ptr, F32_DOTS)
-                dw, dwv = _phi_tile(
-                    k, v, jm & (offs_j >= t_start), f, wk, bk, c_safe, mm, sqrt_scale, half_nc_scale, PREC
-                )
-                wsum += dw
-                wv += dwv
-
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BLOCK_DV], tl.float32)
+    wsum = tl.zeros([GP], tl.float32)
+    wv = tl.zeros([GP, BLOCK_DV], tl.float32)
+    if HAS_PHI:
+        hp = g if PHI_PER_HEAD else 0
+        f, cq = query_features(q, wq_ptr, bq_ptr, hp, sqrt_scale, half_nc_scale, M, D, BLOCK_M, BLOCK_D, PREC, True)
+        offs_m = tl.arange(0, BLOCK_M)
+        mm = offs_m < M
+        wk_ptrs = wk_ptr + hp * M * D + offs_m[:, None] * D + offs_d[None, :]
+        wk_mask = mm[:, None] & dmask[None, :]
+        if not STREAM_WK:
+            wk = _load_wk(wk_ptrs, wk_mask, k_ptr, F32_DOTS)
+        bk = tl.load(bk_ptr + hp * M + offs_m, mask=mm, other=0.0).to(tl.float32)
         if SPLIT:
-            p_off = (bh * n_splits + sp) * G + rows
-            a_off = p_off[:, None] * DV + offs_v[None, :]
-            _store_softmax_partials(pm_ptr, pl_ptr, pacc_ptr, m_i, l_i, acc, p_off, a_off, rmask, amask)
-            if HAS_PHI:
-                _store_phi_partials(
-                    pw_ptr,
-                    pwv_ptr,
-                    plam_ptr,
-                    s_ptr,
-                    z_ptr,
-                    wsum,
-                    wv,
-                    f,
-                    lam,
-                    bh,
-                    sp,
-                    G,
-                    M,
-                    DV,
-                    rows,
-                    rmask,
-                    p_off,
-                    a_off,
-                    amask,
-                    BLOCK_M,
-                    BLOCK_DV,
-                    PREC,
-                )
+            if sp == 0:  # the summary is older than the chain: read it out while the selection runs
+                fs, fz = summary_readout(f, s_ptr, z_ptr, bh, M, DV, BLOCK_M, BLOCK_DV, PREC, True)
+                c_sum = tl.load(c_ptr + bh)
+                o_rows = bh * G + rows
+                tl.store(plam_ptr + o_rows, tl.where(c_sum > float("-inf"), cq + c_sum, float("-inf")), mask=rmask)
+                tl.store(pfz_ptr + o_rows, fz, mask=rmask)
+                tl.store(pfs_ptr + o_rows[:, None] * DV + offs_v[None, :], fs, mask=rmask[:, None] & vmask[None, :])
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+    if HAS_PHI:
+        c_sum = tl.load(c_ptr + bh)
+        have_sum = c_sum > float("-inf")
+        c_safe = tl.where(have_sum, c_sum, 0.0)
+        lam = tl.where(have_sum, cq + c_sum, float("-inf"))
+        # entries at or past t_start are the retrieved T; none when the summary is empty
+        t_start = tl.where(have_sum, tl.load(nanc_ptr + bh), 2147483647)
+
+    n_valid = tl.minimum(tl.load(nread_ptr + bh), R)
+    start = sp * chunk
+    end = tl.minimum(start + chunk, n_valid)
+    k_base = k_ptr + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vh
+    i_base = idx_ptr + b.to(tl.int64) * s_ib + g.to(tl.int64) * s_ih
+    for j0 in range(start, end, BLOCK_N):
+        offs_j = j0 + tl.arange(0, BLOCK_N)
+        jm = offs_j < end
+        pos = tl.load(i_base + offs_j * s_ir, mask=jm, other=-1)
+        jm = jm & (pos >= 0)
+        pos = pos.to(tl.int64)
+        k = tl.load(k_base + pos[:, None] * s_kn + offs_d[None, :] * s_kd, mask=jm[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + pos[:, None] * s_vn + offs_v[None, :] * s_vd, mask=jm[:, None] & vmask[None, :], other=0.0)
+        if F32_DOTS:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
         else:
-            if not HAS_PHI:
-                f = acc  # unused placeholders
-                lam = m_i
-            finish_rows(
-                m_i,
-                l_i,
-                acc,
-                wsum,
-                wv,
-                f,
-                lam,
-                s_ptr,
-                z_ptr,
-                out_ptr,
-                rho_ptr,
-                bh,
-                G,
-                M,
-                DV,
-                rows,
-                rmask,
-                offs_v,
-                vmask,
-                BLOCK_M,
-                BLOCK_DV,
-                PREC,
-                HAS_PHI,
-            )
+            s = tl.dot(q.to(k.dtype), tl.trans(k))
+        s = tl.where(jm[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = _exp_diff(m_i, m_new)
+        p = _exp_diff(s, m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+        if HAS_PHI:
+            if STREAM_WK:  # reloaded per tile (an L1/L2 hit) instead of held: fewer registers per program
+                wk = _load_wk(wk_ptrs, wk_mask, k_ptr, F32_DOTS)
+            kf = k.to(tl.float32)
+            lk = tl.dot(k, tl.trans(wk), input_precision=PREC) * sqrt_scale + bk[None, :]
+            lk = lk - half_nc_scale * tl.sum(kf * kf, 1)[:, None]
+            ret = jm & (offs_j >= t_start)
+            e = tl.where(ret[:, None] & mm[None, :], tl.exp(lk - c_safe), 0.0)
+            if PHI_DOT16:  # f and e lie in [0, 1]: the cache's 16-bit type holds them to ~0.4%
+                w = tl.dot(f.to(k.dtype), tl.trans(e.to(k.dtype)))
+            else:
+                w = tl.dot(f, tl.trans(e), input_precision=PREC)
+            wsum += tl.sum(w, 1)
+            wv += tl.dot(w.to(v.dtype), v, input_precision=PREC)
+
+    if SPLIT:
+        p_off = (bh * n_splits + sp) * G + rows
+        tl.store(pm_ptr + p_off, m_i, mask=rmask)
+        tl.store(pl_ptr + p_off, l_i, mask=rmask)
+        a_off = p_off[:, None] * DV + offs_v[None, :]
+        amask = rmask[:, None] & vmask[None, :]
+        tl.store(pacc_ptr + a_off, acc, mask=amask)
+        if HAS_PHI:
+            tl.store(pw_ptr + p_off, -wsum, mask=rmask)
+            tl.store(pwv_ptr + a_off, -wv, mask=amask)
+    else:
+        if not HAS_PHI:
+            f = acc  # unused placeholders
+            lam = m_i
+        finish_rows(
+            m_i,
+            l_i,
+            acc,
+            wsum,
+            wv,
+            f,
+            lam,
+            s_ptr,
+            z_ptr,
+            out_ptr,
+            rho_ptr,
+            bh,
+            G,
+            M,
+            DV,
+            rows,
+            rmask,
+            offs_v,
+            vmask,
+            BLOCK_M,
+            BLOCK_DV,
+            PREC,
+            HAS_PHI,
+        )
 
 
 @triton.jit
@@ -594,6 +378,8 @@ def merge_kernel(
     pw_ptr,
     pwv_ptr,
     plam_ptr,
+    pfs_ptr,
+    pfz_ptr,
     G,
     DV,
     n_splits,
@@ -635,12 +421,15 @@ def merge_kernel(
         m_i, l_i, acc = state_merge(
             m_i, l_i, acc, cm, tl.sum(pl * wgt, 0, keep_dims=True), tl.sum(pacc * wgt[:, None], 0, keep_dims=True)
         )
-        if HAS_PHI:  # the phi partials are additive (split 0 carries f^T S, f^T z)
+        if HAS_PHI:  # the phi partials are additive
             d_phi += tl.sum(tl.load(pw_ptr + p_off, mask=sm, other=0.0), 0, keep_dims=True)
             n_phi += tl.sum(tl.load(pwv_ptr + a_off, mask=amask, other=0.0), 0, keep_dims=True)
 
-    if HAS_PHI:
-        lam = tl.load(plam_ptr + bq_head + tl.zeros([1], tl.int32))
+    if HAS_PHI:  # plus the summary's readout f^T z, f^T S (stored by split 0)
+        one = tl.zeros([1], tl.int32)
+        d_phi += tl.load(pfz_ptr + bq_head + one)
+        n_phi += tl.load(pfs_ptr + bq_head * DV + offs_v[None, :], mask=vmask[None, :], other=0.0)
+        lam = tl.load(plam_ptr + bq_head + one)
         out, rho = phi_finalize(m_i, l_i, acc, lam, n_phi, d_phi, True)
     else:
         out, rho = phi_finalize(m_i, l_i, acc, m_i, acc, l_i, False)
