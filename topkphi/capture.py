@@ -81,6 +81,20 @@ def capture_mlx(model, input_ids, n_queries: int) -> list[LayerCapture]:
     return [captured[i] for i in sorted(captured)]
 
 
+def capture_ids(net, ids: list[int], framework: str, n_queries: int | None = None) -> list[LayerCapture]:
+    """Capture every layer of ``net`` (``framework`` "torch" or "mlx") on token ids; the last ``n_queries``
+    query positions (default all)."""
+    n_queries = len(ids) if n_queries is None else min(n_queries, len(ids))
+    if framework == "torch":
+        import torch
+
+        device = next(net.parameters()).device
+        return capture_torch(net, torch.tensor([ids], device=device), n_queries)
+    import mlx.core as mx
+
+    return capture_mlx(net, mx.array([ids]), n_queries)
+
+
 @contextmanager
 def patch_attention(model, wrap) -> Iterator[None]:
     """Replace ``scaled_dot_product_attention`` in every module ``model`` is built from."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -118,6 +119,12 @@ def check_shapes(q: Any, k: Any, v: Any | None = None) -> Dims:
     if n_tokens < 1:
         raise ValueError("the KV cache is empty")
     return Dims(batch, n_q, n_kv, n_tokens, d, v_shape[3])
+
+
+def per_layer_config(cfg: Config, maps: Sequence[FeatureMap]) -> Callable[[int], Config]:
+    """``layer_idx -> Config`` with that layer's (learned) map: what the model caches take per layer."""
+    configs = [cfg.replace(feature_map=fmap, n_features=fmap.n_features) for fmap in maps]
+    return lambda i: configs[i]
 
 
 @functools.lru_cache(maxsize=64)

@@ -159,6 +159,29 @@ def test_chat_decodes_with_the_learned_maps(tiny, tmp_path, monkeypatch):
 
 
 @needs_torch
+def test_chat_fits_maps_on_the_prompt(tiny, tmp_path, monkeypatch):
+    """--feature-map learned-prompt: the stats line reports the fit; warm start from a file; bad input is one line."""
+    import topkphi.models.resolve as resolve
+
+    model, data = tiny
+    out = tmp_path / "phi.safetensors"
+    assert run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out)).exit_code == 0
+    monkeypatch.setattr(resolve, "load_torch_model", lambda spec, device="cpu", **kw: (model, ChatTokenizer()))
+    args = ["chat", "--model", "tiny", "--backend", "cpu", "--feature-map", "learned-prompt", "--fit-seconds", "0.5",
+            "--n-tail", "16", "--top-k", "16", "--max-tokens", "3"]
+    for extra in ([], ["--phi-file", str(out)]):
+        result = CliRunner().invoke(main, [*args, *extra, "-p", "y" * 150])
+        assert result.exit_code == 0, result.output
+        assert "fitting phi" in result.output and "phi fit" in result.output and "rho" in result.output
+    short = CliRunner().invoke(main, [*args, "-p", "y" * 20])
+    assert short.exit_code == 0 and "too short" in short.output and "phi fit" not in short.output
+    bad = CliRunner().invoke(main, [*args, "--fit-seconds", "0", "-p", "hi"])
+    assert bad.exit_code == 2 and "--fit-seconds" in bad.output and "Traceback" not in bad.output
+    # the other model commands do not prefill prompts of their own: the choice is chat's
+    assert CliRunner().invoke(main, ["inspect-heads", "--feature-map", "learned-prompt"]).exit_code == 2
+
+
+@needs_torch
 def test_inspect_heads_reads_the_learned_maps(tiny, tmp_path):
     data = tiny[1]
     out = tmp_path / "phi.safetensors"

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from topkphi.capture import capture_ids
 from topkphi.commands.errors import user_errors
 from topkphi.commands.runtime import RUNTIMES, resolve_runtime
 
@@ -35,8 +36,8 @@ def phi_file_option(fn):
 def check_phi_options(feature_map: str, phi_file: str | None) -> None:
     if feature_map == "learned" and phi_file is None:
         raise click.UsageError("--feature-map learned needs --phi-file (make one with `topkphi calibrate`)")
-    if phi_file is not None and feature_map != "learned":
-        raise click.UsageError("--phi-file is used only with --feature-map learned")
+    if phi_file is not None and feature_map not in ("learned", "learned-prompt"):
+        raise click.UsageError("--phi-file is used only with --feature-map learned or learned-prompt")
 
 
 def fingerprint(net, model_id: str, framework: str):
@@ -60,23 +61,6 @@ def load_layer_maps(phi_file: str, net, model_id: str, framework: str, cfg=None,
     return maps
 
 
-def per_layer_config(cfg, maps) -> Callable[[int], object]:
-    """``layer_idx -> Config`` with that layer's learned map (what TopKPhiCache / make_cache take)."""
-    configs = [cfg.replace(feature_map=fmap, n_features=fmap.n_features) for fmap in maps]
-    return lambda i: configs[i]
-
-
-def fit_prompt_maps(net, input_ids, framework: str, opts, init_maps=None, time_budget_s: float = 5.0):
-    """Per-prompt maps: capture the prompt's own prefill queries and fit (warm-started when given)
-    under ``time_budget_s``. Returns ``(maps, seconds spent)``; the capture is one extra prefill pass."""
-    from topkphi.calibration.fit import fit_model
-
-    start = time.perf_counter()
-    layers = capture(net, input_ids, framework)
-    fits = fit_model([layers], opts, init_maps, time_budget_s=max(0.0, time_budget_s - (time.perf_counter() - start)))
-    return [f.fmap for f in fits], time.perf_counter() - start
-
-
 # ---- capture ----------------------------------------------------------------------------------------------------
 
 
@@ -89,21 +73,6 @@ def load_model(model: str, backend: str):
     else:
         net, tokenizer = resolve.load_mlx_model(model)
     return net, tokenizer, runtime
-
-
-def capture(net, ids: list[int], framework: str):
-    if framework == "torch":
-        import torch
-
-        from topkphi.capture import capture_torch
-
-        device = next(net.parameters()).device
-        return capture_torch(net, torch.tensor([ids], device=device), len(ids))
-    import mlx.core as mx
-
-    from topkphi.capture import capture_mlx
-
-    return capture_mlx(net, mx.array([ids]), len(ids))
 
 
 def calibration_texts(data: tuple[str, ...], builtin: bool, split: str) -> dict[str, str]:
@@ -310,7 +279,7 @@ def _fit(err, net, runtime, seqs, model_id, opts, out, sources) -> None:
 
     start = time.perf_counter()
     with err.status(f"capturing q/k/v on {len(seqs)} x {len(seqs[0])} tokens"):
-        captured = [capture(net, ids, runtime.framework) for ids in seqs]
+        captured = [capture_ids(net, ids, runtime.framework) for ids in seqs]
     fp = fingerprint(net, model_id, runtime.framework)
     n_layers = len(captured[0])
     tasks = {}
@@ -450,7 +419,7 @@ def _evaluate(
     }
     for ids in seqs:
         with err.status(f"capturing {len(ids)} tokens"):
-            layers = capture(net, ids, runtime.framework)
+            layers = capture_ids(net, ids, runtime.framework)
         positions = list(range(len(ids) - n_queries, len(ids)))
         with err.status("replaying decode steps with the float64 oracle"):
             e_top = replay_errors(layers, positions, opts.n_sink, opts.n_tail, matched, None)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import click
 
-from topkphi.commands.calibrate import check_phi_options, load_layer_maps, per_layer_config, phi_file_option
+from topkphi.commands.calibrate import check_phi_options, load_layer_maps, phi_file_option
 from topkphi.commands.errors import user_errors
 from topkphi.commands.runtime import RUNTIMES, resolve_runtime
+from topkphi.config import per_layer_config
 
 MIN_MID = 4  # mid tokens the earliest inspected step needs for there to be anything to inspect
 

@@ -76,8 +76,12 @@ def resolve_runtime(name: str) -> Runtime:
     return Runtime("mlx", "metal" if _metal() else "mlx-cpu", "mlx")
 
 
-def topkphi_options(fn):
-    """The decode-policy flags every model command takes."""
+def topkphi_options(fn=None, *, per_prompt: bool = False):
+    """The decode-policy flags every model command takes; ``per_prompt`` adds ``--feature-map
+    learned-prompt`` (maps fitted on each new prompt, for commands that prefill prompts: chat)."""
+    if fn is None:
+        return lambda f: topkphi_options(f, per_prompt=per_prompt)
+    maps = ["prf", "taylor2", "learned", *(["learned-prompt"] if per_prompt else []), "none"]
     options = [
         click.option("--top-k", type=int, default=256, show_default=True, help="Retrieved mid tokens per KV head."),
         click.option("--n-sink", type=int, default=4, show_default=True, help="First tokens always read exactly."),
@@ -85,9 +89,11 @@ def topkphi_options(fn):
         click.option("--selection", type=click.Choice(["exact", "page"]), default="page", show_default=True,
                      help="How Top-K is found: scoring every key, or Quest-style page bounds."),
         click.option("--page-size", type=int, default=16, show_default=True),
-        click.option("--feature-map", type=click.Choice(["prf", "taylor2", "learned", "none"]), default="prf",
+        click.option("--feature-map", type=click.Choice(maps), default="prf",
                      show_default=True, help="Completion of the unread mass; none = Top-K only; "
-                     "learned = the maps of --phi-file."),
+                     "learned = the maps of --phi-file"
+                     + ("; learned-prompt = maps fitted on each new prompt's own queries (warm-started from "
+                        "--phi-file if given)." if per_prompt else ".")),
         click.option("--n-features", type=int, default=64, show_default=True, help="Feature-map size m."),
         click.option("--dense", is_flag=True, help="Exact attention over the whole cache (the baseline)."),
     ]
@@ -102,7 +108,7 @@ def config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map
     try:
         return topkphi.Config(n_sink=n_sink, n_tail=n_tail, top_k=top_k, selection=selection, page_size=page_size,
                               # learned maps are per layer: filled in once the model is loaded
-                              feature_map=None if feature_map in ("none", "learned") else feature_map,
+                              feature_map=None if feature_map in ("none", "learned", "learned-prompt") else feature_map,
                               n_features=n_features, seed=seed)
     except ValueError as err:
         raise click.UsageError(str(err)) from None

@@ -39,6 +39,7 @@ class MLXEngine(Engine):
         """Yield the reply's text as it is generated; ``prompt`` is the whole conversation's tokens."""
         if seed is not None:
             mx.random.seed(seed)
+        self._fit_prompt(prompt)
         new = self._reuse_cache(prompt)
         for layer in self.cache:
             if hasattr(layer, "steps"):
@@ -59,6 +60,7 @@ class MLXEngine(Engine):
                 prefill_s=response.prompt_tokens / response.prompt_tps if response.prompt_tps else 0.0,
                 generated_tokens=response.generation_tokens,
                 decode_s=response.generation_tokens / response.generation_tps if response.generation_tps else 0.0,
+                fit_s=self.fit_s,
             )
             if self.cfg is not None:
                 self.stats.rho, self.stats.read_fraction = cache_totals(self.cache)

@@ -13,6 +13,7 @@ class GenerationStats:
     decode_s: float = 0.0
     read_fraction: float = 1.0  # mean token-equivalents read per decode step / context
     rho: float | None = None  # mean estimated unretrieved mass; None for dense
+    fit_s: float = 0.0  # per-prompt phi fit (capture + fit) before this reply's prefill
 
     @property
     def prefill_tps(self) -> float:
@@ -24,7 +25,8 @@ class GenerationStats:
 
     def line(self) -> str:
         rho = "dense" if self.rho is None else f"rho {self.rho:.3f}"
-        return (f"prefill {self.prompt_tokens} tok @ {self.prefill_tps:.1f} tok/s | "
+        fit = f"phi fit {self.fit_s:.1f} s | " if self.fit_s > 0 else ""
+        return (f"{fit}prefill {self.prompt_tokens} tok @ {self.prefill_tps:.1f} tok/s | "
                 f"decode {self.generated_tokens} tok @ {self.decode_tps:.1f} tok/s | "
                 f"KV read/step {self.read_fraction:.1%} | {rho}")
 

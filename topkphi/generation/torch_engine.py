@@ -29,8 +29,8 @@ def sample(logits: torch.Tensor, temp: float, top_p: float, generator: torch.Gen
 class TorchEngine(Engine):
     """An HF transformers model; ``cfg=None`` decodes densely, otherwise through topkphi."""
 
-    def __init__(self, model, tokenizer, cfg: Config | None, backend: Backend | None) -> None:
-        super().__init__(model, tokenizer, cfg, backend)
+    def __init__(self, model, tokenizer, cfg: Config | None, backend: Backend | None, **kw) -> None:
+        super().__init__(model, tokenizer, cfg, backend, **kw)
         self.device = next(model.parameters()).device
         self.eos = _eos_ids(model, tokenizer)
 
@@ -64,12 +64,14 @@ class TorchEngine(Engine):
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._fit_prompt(prompt)
         with torch.inference_mode(), self.routing():
             new = self._reuse_cache(prompt)
             start = time.perf_counter()
             logits = self._forward(new)
             _sync(self.device)
-            self.stats = GenerationStats(prompt_tokens=len(new), prefill_s=time.perf_counter() - start)
+            self.stats = GenerationStats(prompt_tokens=len(new), prefill_s=time.perf_counter() - start,
+                                         fit_s=self.fit_s)
             if self.cfg is not None:
                 self.cache.totals.clear()  # count this reply's decode steps only
             reply: list[int] = []
