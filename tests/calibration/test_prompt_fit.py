@@ -93,3 +93,23 @@ def test_mlx_engine_fits_per_prompt():
     engine = MLXEngine(net, digit_tokenizer(), fitter.fallback(), topkphi.get_backend("mlx"), prompt_fitter=fitter)
     assert len(engine.generate(prompt(200), 4)) == 4
     assert engine.cfg(0).feature_map.kind == "learned" and engine.stats.fit_s > 0 and engine.stats.rho > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_model_fits_on_its_gpu_like_on_the_cpu():
+    import dataclasses
+
+    from topkphi.calibration.fit import fit_layer
+    from topkphi.capture import capture_ids
+
+    net = tiny_llama().to("cuda")
+    fitter = PromptFitter(net, "torch", CFG, time_budget_s=5.0, n_features=8)
+    assert fitter.opts.device == "cuda"
+    layer = capture_ids(net, prompt(200), "torch")[1]
+    opts = dataclasses.replace(fitter.opts, steps=20)
+    on_gpu, on_cpu = fit_layer([layer], opts, 1), fit_layer([layer], dataclasses.replace(opts, device="cpu"), 1)
+    assert on_gpu.steps == on_cpu.steps == 20
+    assert on_gpu.loss_after == pytest.approx(on_cpu.loss_after, rel=1e-2)
+    np.testing.assert_allclose(on_gpu.fmap.w_q, on_cpu.fmap.w_q, rtol=1e-2, atol=1e-3)
+    engine = TorchEngine(net, DigitTokenizer(), fitter.fallback(), topkphi.get_backend("torch"), prompt_fitter=fitter)
+    assert len(engine.generate(prompt(200), 4)) == 4 and engine.cfg(0).feature_map.kind == "learned"

@@ -19,6 +19,7 @@ cannot calibrate (``pip install "topkphi[torch]"``) but can load and use a fitte
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,8 @@ class FitOptions:
     weight_decay: float = 0.0  # pulls the parameters toward the initial map (squared distance, per parameter)
     # "lbfgs": quasi-Newton with a line search; far fewer steps than Adam for a warm-started per-prompt refit
     optimizer: str = "adam"
+    # where the fit's tensors live: "cuda" puts a per-prompt fit next to a model running there
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("n_features", "steps", "stride", "top_k", "eval_every"):
@@ -114,7 +117,7 @@ class _Sequence:
         positions = lo + counts * s + opts.n_tail - 1
         tau = capture.scale
         root = math.sqrt(tau)
-        t = torch.as_tensor
+        t = functools.partial(torch.as_tensor, device=opts.device)
         self.block_idx = t(counts - 1)
         mid_len = n_blocks * s
         self.n_blocks = n_blocks
@@ -127,7 +130,7 @@ class _Sequence:
         kk, vv = t(k), t(v)
         names = ("top", "target_log_mass", "target_value", "weight", "anchor_log_mass", "anchor_value", "dense")
         parts: dict[str, list] = {name: [] for name in names}
-        j = torch.arange(n_tokens)
+        j = torch.arange(n_tokens, device=opts.device)
         for c0 in range(0, len(positions), 128):
             pos = t(positions[c0 : c0 + 128])
             cnt = t(counts[c0 : c0 + 128])
@@ -153,7 +156,7 @@ class _Sequence:
         for name in names:
             setattr(self, name, torch.cat(parts[name], dim=1 if name == "top" else 2))
         # residual = mid \\ T of each query, as a mask over the keys of the longest mid: [H, 1, P, M]
-        in_mid = torch.arange(mid_len)[None, :] < t(counts * s)[:, None]
+        in_mid = torch.arange(mid_len, device=opts.device)[None, :] < t(counts * s)[:, None]
         residual = in_mid[None].expand(n_heads, -1, -1).clone()
         residual.scatter_(-1, self.top, False)
         self.residual = residual[:, None].to(torch.float32)
@@ -258,9 +261,10 @@ def fit_layer(
         arrays = init_params(n_heads, d, opts, layer, init)
         if opts.tie:
             arrays[2] = arrays[0]
-        t = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays[:2]]
-        b_k = torch.tensor(arrays[3], dtype=torch.float64, requires_grad=True)
-        w_k = t[0] if opts.tie else torch.tensor(arrays[2], dtype=torch.float64, requires_grad=True)
+        param = functools.partial(torch.tensor, dtype=torch.float64, device=opts.device, requires_grad=True)
+        t = [param(a) for a in arrays[:2]]
+        b_k = param(arrays[3])
+        w_k = t[0] if opts.tie else param(arrays[2])
         params = [t[0], t[1], w_k, b_k]  # what predict() takes; w_k is w_q itself when tied
         leaves = [t[0], t[1], b_k] if opts.tie else params
         if init is None:  # centre the log mass: a shift of b_q moves every prediction by the same amount
@@ -333,7 +337,7 @@ def fit_layer(
             for p, b in zip(params, best_params):
                 p.copy_(b)
             after = float(total_loss())
-    arrays = [p.numpy() for p in best_params]
+    arrays = [p.cpu().numpy() for p in best_params]
     return LayerFit(
         layer,
         FeatureMap.learned(*arrays),

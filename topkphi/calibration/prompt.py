@@ -50,7 +50,7 @@ class PromptFitter:
         m = n_features if self.init_maps is None else self.init_maps[0].n_features
         self.opts = FitOptions(n_features=m, n_sink=cfg.n_sink, n_tail=cfg.n_tail, top_k=cfg.top_k,
                                steps=1_000_000, lr=PROMPT_LR, stride=PROMPT_STRIDE,
-                               merge_weight=PROMPT_MERGE_WEIGHT, seed=cfg.seed)
+                               merge_weight=PROMPT_MERGE_WEIGHT, seed=cfg.seed, device=_device_of(net, framework))
 
     @property
     def min_prompt(self) -> int:
@@ -78,3 +78,8 @@ class PromptFitter:
         if steps < FULL_FIT_STEPS:
             note += f" (the measured gain needs ~{FULL_FIT_STEPS}: raise --fit-seconds)"
         return PromptFit(per_layer_config(self.cfg, [f.fmap for f in fits]), end - start, note)
+
+
+def _device_of(net, framework: str) -> str:
+    """Fit where a torch model runs (a CUDA model fits on its GPU); MLX models fit in torch on the CPU."""
+    return next(net.parameters()).device.type if framework == "torch" else "cpu"
