@@ -136,16 +136,24 @@ class ChatTokenizer(CharTokenizer):
         return "".join(chr(33 + i) for i in ids)
 
 
-@needs_torch
-def test_chat_decodes_with_the_learned_maps(tiny, tmp_path, monkeypatch):
-    import topkphi
+@pytest.fixture
+def chat_phi_file(tiny, tmp_path, monkeypatch):
+    """A phi file calibrated for the tiny model, which then loads with a tokenizer that decodes (for chat)."""
     import topkphi.models.resolve as resolve
-    from topkphi.commands.chat import load_engine
 
     model, data = tiny
     out = tmp_path / "phi.safetensors"
     assert run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out)).exit_code == 0
     monkeypatch.setattr(resolve, "load_torch_model", lambda spec, device="cpu", **kw: (model, ChatTokenizer()))
+    return out
+
+
+@needs_torch
+def test_chat_decodes_with_the_learned_maps(chat_phi_file):
+    import topkphi
+    from topkphi.commands.chat import load_engine
+
+    out = chat_phi_file
     cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=16, feature_map=None)
     engine, _ = load_engine("tiny", "cpu", cfg, dense=False, phi_file=str(out))
     assert [engine.cfg(i).feature_map.kind for i in range(2)] == ["learned", "learned"]
@@ -159,14 +167,9 @@ def test_chat_decodes_with_the_learned_maps(tiny, tmp_path, monkeypatch):
 
 
 @needs_torch
-def test_chat_fits_maps_on_the_prompt(tiny, tmp_path, monkeypatch):
+def test_chat_fits_maps_on_the_prompt(chat_phi_file):
     """--feature-map learned-prompt: the stats line reports the fit; warm start from a file; bad input is one line."""
-    import topkphi.models.resolve as resolve
-
-    model, data = tiny
-    out = tmp_path / "phi.safetensors"
-    assert run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out)).exit_code == 0
-    monkeypatch.setattr(resolve, "load_torch_model", lambda spec, device="cpu", **kw: (model, ChatTokenizer()))
+    out = chat_phi_file
     args = ["chat", "--model", "tiny", "--backend", "cpu", "--feature-map", "learned-prompt", "--fit-seconds", "0.5",
             "--n-tail", "16", "--top-k", "16", "--max-tokens", "3"]
     for extra in ([], ["--phi-file", str(out)]):
