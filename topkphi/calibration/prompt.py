@@ -3,9 +3,9 @@
 A generation engine calls a ``PromptFitter`` whenever a prompt starts a new cache (a conversation's
 first turn, or the first after a reset): one extra dense prefill pass captures every layer's q/k/v, and
 ``fit_model`` fits the maps from scratch, or refines a phi file's, within a time budget (the fit's alone:
-the capture costs one prefill on top). Later turns
-keep the maps: the summary is built with them and appended with them. Fitting runs in torch on
-whatever framework runs the model.
+the capture costs one prefill on top). Later turns keep the maps: the summary is built with them and
+appended with them. Fitting runs in torch, on the model's GPU for a CUDA model, on the CPU otherwise
+(an MLX model included).
 """
 
 from __future__ import annotations
