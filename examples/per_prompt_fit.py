@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from topkphi.calibration.data import token_sequences
-from topkphi.calibration.fit import FitOptions, fit_layer, replay_errors, truncate
+from topkphi.calibration.fit import FitOptions, fit_layer, replay_errors, split_validation, truncate
 from topkphi.capture import capture_ids
 from topkphi.commands.calibrate import calibration_texts, load_model
 from topkphi.reads import summary_reads
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--eval", default="last:4", help="last:P or grid:P (see the module docstring)")
     parser.add_argument("--fit-on-scored", action="store_true", help="fit on the whole text, scored positions too")
+    parser.add_argument("--val-queries", type=int, default=0,
+                        help="hold out the prompt's last V positions' queries: keep the iterate they score best")
     args = parser.parse_args()
     console = Console()
     net, tokenizer, runtime = load_model(args.model, "cpu")
@@ -56,7 +58,7 @@ def main() -> None:
     with console.status(f"capturing {len(ids)} tokens of {text_name}"):
         layers = capture_ids(net, ids, runtime.framework)
     opts = FitOptions(n_features=args.m, n_sink=4, n_tail=64, top_k=args.top_k, steps=args.steps, lr=args.lr,
-                      stride=args.stride, merge_weight=args.merge_weight)
+                      stride=args.stride, merge_weight=args.merge_weight, validation=1 if args.val_queries else 0)
     positions = scored_positions(args.eval, len(ids), opts)
     chosen = range(len(layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     table = Table(title=f"{args.model}, {text_name}, N={len(ids)}, scored {positions[0]}..{positions[-1]}, "
@@ -66,9 +68,11 @@ def main() -> None:
     sums = [0.0, 0.0]
     for layer in chosen:
         capture = layers[layer]
-        seen = capture if args.fit_on_scored else truncate(capture, positions[0])
+        seen = [capture if args.fit_on_scored else truncate(capture, positions[0])]
+        if args.val_queries:
+            seen = split_validation(seen[0], args.val_queries)
         with console.status(f"fitting layer {layer}"):
-            fit = fit_layer([seen], opts, layer)
+            fit = fit_layer(seen, opts, layer)
         d = capture.k.shape[-1]
         matched = args.top_k + math.ceil(summary_reads(fit.fmap, d, capture.v.shape[-1]))  # SPEC section 6
         err_top = float(replay_errors([capture], positions, 4, 64, matched, None).mean())

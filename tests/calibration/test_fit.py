@@ -93,6 +93,23 @@ def test_validation_keeps_the_best_scoring_iterate():
         assert score <= float(seq.loss(p2, opts.value_weight, torch, opts.merge_weight)[0]) + 1e-9
 
 
+def test_split_validation_holds_out_the_last_positions_queries():
+    from dataclasses import replace
+
+    from topkphi.calibration.fit import split_validation
+
+    capture = low_rank_capture()
+    train, val = split_validation(capture, 64)
+    assert train.k.shape[2] == 256 - 64 and train.q.shape[2] == 256 - 64  # no key or query past the cut
+    assert val.k.shape[2] == 256 and val.q.shape[2] == 64
+    np.testing.assert_array_equal(val.q, capture.q[:, :, -64:])
+    fit = fit_layer([train, val], replace(OPTS, validation=1, eval_every=2, steps=20))
+    assert fit.val_after <= fit.val_before
+    for bad in (0, 256):
+        with pytest.raises(ValueError, match="validation needs"):
+            split_validation(capture, bad)
+
+
 def test_validation_needs_a_training_sequence():
     from dataclasses import replace
 

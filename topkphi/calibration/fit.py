@@ -401,6 +401,16 @@ def truncate(capture: LayerCapture, n_tokens: int) -> LayerCapture:
     )
 
 
+def split_validation(capture: LayerCapture, n_val: int) -> list[LayerCapture]:
+    """``[train, validation]`` from one capture: the queries of its last ``n_val`` positions score the
+    iterates (``FitOptions.validation = 1``), the earlier ones train; both see every key."""
+    n_queries = capture.q.shape[2]
+    if not 0 < n_val < n_queries:
+        raise ValueError(f"validation needs 0 < n_val < {n_queries} captured queries, got {n_val}")
+    train = truncate(capture, capture.k.shape[2] - n_val)
+    return [train, LayerCapture(capture.q[:, :, -n_val:], capture.k, capture.v, capture.scale)]
+
+
 def replay_errors(
     layers: Sequence[LayerCapture],
     positions: Sequence[int],
