@@ -178,6 +178,7 @@ def test_chat_fits_maps_on_the_prompt(chat_phi_file):
         assert "fitting phi" in result.output and "phi fit" in result.output and "rho" in result.output
     short = CliRunner().invoke(main, [*args, "-p", "y" * 20])
     assert short.exit_code == 0 and "too short" in short.output and "phi fit" not in short.output
+    assert "fitting phi" not in short.output  # announced only when a fit runs
     bad = CliRunner().invoke(main, [*args, "--fit-seconds", "0", "-p", "hi"])
     assert bad.exit_code == 2 and "--fit-seconds" in bad.output and "Traceback" not in bad.output
     # the other model commands do not prefill prompts of their own: the choice is chat's

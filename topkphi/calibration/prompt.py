@@ -42,11 +42,12 @@ class PromptFitter:
     on; without them such prompts decode Top-K only (their context is mostly read exactly anyway)."""
 
     def __init__(self, net, framework: str, cfg: Config, time_budget_s: float, n_features: int,
-                 init_maps: Sequence[FeatureMap] | None = None) -> None:
+                 init_maps: Sequence[FeatureMap] | None = None, notify: Callable[[str], None] | None = None) -> None:
         if not time_budget_s > 0:
             raise ValueError(f"the per-prompt fit budget must be > 0 seconds, got {time_budget_s}")
         self.net, self.framework, self.cfg, self.budget = net, framework, cfg, float(time_budget_s)
         self.init_maps = None if init_maps is None else list(init_maps)
+        self.notify = notify  # told when a fit starts: it holds up the reply for the budget
         m = n_features if self.init_maps is None else self.init_maps[0].n_features
         self.opts = FitOptions(n_features=m, n_sink=cfg.n_sink, n_tail=cfg.n_tail, top_k=cfg.top_k,
                                steps=1_000_000, lr=PROMPT_LR, stride=PROMPT_STRIDE,
@@ -67,6 +68,8 @@ class PromptFitter:
             using = "the phi file's maps" if self.init_maps is not None else "Top-K only"
             return PromptFit(self.fallback(), 0.0, f"prompt of {len(prompt)} tokens is too short to fit phi on "
                              f"(needs {self.min_prompt} with these budgets): {using}")
+        if self.notify is not None:
+            self.notify(f"fitting phi on the prompt (capture + up to {self.budget:g} s)...")
         start = time.perf_counter()
         layers = capture_ids(self.net, list(prompt), self.framework, PROMPT_QUERIES)
         captured = time.perf_counter()

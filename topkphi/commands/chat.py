@@ -19,7 +19,7 @@ HELP = "Commands: 'q' quits, 'r' resets the conversation, 'h' shows this help."
 
 
 def load_engine(model: str, backend: str, cfg, dense: bool, phi_file: str | None = None, warn=None,
-                fit_seconds: float | None = None, n_features: int = 16):
+                fit_seconds: float | None = None, n_features: int = PROMPT_FEATURES):
     """The model on the chosen runtime, wrapped in its generation engine; ``phi_file`` gives
     each layer its learned maps (checked against the loaded model). ``fit_seconds``: fit the maps on
     each new prompt within this budget (``PromptFitter``; warm-started from ``phi_file`` if given)."""
@@ -44,7 +44,7 @@ def load_engine(model: str, backend: str, cfg, dense: bool, phi_file: str | None
     if not dense and fit_seconds is not None:
         from topkphi.calibration.prompt import PromptFitter
 
-        fitter = PromptFitter(net, runtime.framework, cfg, fit_seconds, n_features, maps)
+        fitter = PromptFitter(net, runtime.framework, cfg, fit_seconds, n_features, maps, notify=warn)
         cfg = fitter.fallback()  # until the first prompt is fitted
     elif maps is not None:
         cfg = per_layer_config(cfg, maps)
@@ -104,8 +104,6 @@ def chat(model, backend, prompt, max_tokens, temp, top_p, seed, system_prompt, t
 
     def reply(text: str) -> None:
         history.append({"role": "user", "content": text})
-        if engine.prompt_fitter is not None and engine.cache is None:
-            err.print(f"[dim]fitting phi on the prompt (capture + up to {fit_seconds:g} s)...[/dim]")
         answer = []
         for piece in engine.stream(chat_tokens(engine.tokenizer, history), max_tokens, temp, top_p, seed):
             answer.append(piece)
