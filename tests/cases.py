@@ -15,11 +15,17 @@ class Case:
     k: np.ndarray  # [B, Hkv, N, d]
     v: np.ndarray  # [B, Hkv, N, dv]
     cfg: topkphi.Config
+    ref_q: np.ndarray  # [B, Hq, W, d]: the last W "prompt" rows the fitted summaries are fitted from
 
     def rounded(self, dtype) -> Case:
         """The same case with inputs rounded through ``dtype`` (e.g. ``np.float16``), still float64,
         so the oracle sees exactly what a low-precision backend sees."""
-        return replace(self, **{n: getattr(self, n).astype(dtype).astype(np.float64) for n in ("q", "k", "v")})
+        names = ("q", "k", "v", "ref_q")
+        return replace(self, **{n: getattr(self, n).astype(dtype).astype(np.float64) for n in names})
+
+    def queries(self, convert=lambda x: x) -> topkphi.ReferenceQueries:
+        """The reference queries, ending at the cache's end; ``convert`` makes them a backend's array."""
+        return topkphi.ReferenceQueries(convert(self.ref_q), end=self.k.shape[2])
 
 
 def learned_map(rng: np.random.Generator, n_kv: int, n_features: int, d: int) -> topkphi.FeatureMap:
@@ -56,14 +62,18 @@ def random_case(
     q = rng.standard_normal((batch, n_kv * group, d))
     hot = rng.choice(n_tokens, size=max(1, n_tokens // 20), replace=False)
     k[:, :, hot] += 1.5 * q.reshape(batch, n_kv, group, d).mean(axis=2, keepdims=True)
+    # reference rows near the decode queries, as the prompt's last rows are near the next query
+    window = min(16, n_tokens)
+    ref_q = q[:, :, None, :] + 0.7 * rng.standard_normal((batch, n_kv * group, window, d))
     q *= score_scale
+    ref_q *= score_scale
     v = rng.standard_normal((batch, n_kv, n_tokens, dv))
     fmap = feature_map
     if feature_map == "learned":
         fmap = learned_map(rng, n_kv, cfg_fields.pop("n_features", 16), d)
     cfg_fields.setdefault("n_features", 16)
     cfg = topkphi.Config(feature_map=fmap, **{"n_sink": 4, "n_tail": 16, "top_k": 32, **cfg_fields})
-    return Case(q, k, v, cfg)
+    return Case(q, k, v, cfg, ref_q)
 
 
 def rel_err(out, ref) -> float:
@@ -89,4 +99,15 @@ PARITY_MATRIX = [
     ("k-covers-mid", dict(n_tokens=100, n_kv=2, group=2, d=64, top_k=1000)),
     ("large-scores", dict(n_tokens=300, n_kv=2, group=2, d=64, score_scale=30.0)),
     ("long-2k", dict(n_tokens=2500, n_kv=1, group=4, d=64, top_k=128, selection="page")),
+    # fitted summaries (SPEC 8): every backend decodes the oracle's fit and fits its own
+    ("gqa3-exact-cluster", dict(n_tokens=333, n_kv=2, group=3, d=64, top_k=40, feature_map="cluster", n_clusters=16)),
+    ("gqa4-page-cluster", dict(n_tokens=517, n_kv=2, group=4, d=128, selection="page", top_k=64,
+                               feature_map="cluster")),
+    ("gqa4-compact-compact", dict(n_tokens=517, n_kv=2, group=4, d=64, selection="compact", page_size=16, top_k=64,
+                                  feature_map="compact", n_sink=5)),
+    ("gqa2-compact-cluster", dict(batch=2, n_tokens=300, n_kv=2, group=2, d=64, selection="compact", page_size=8,
+                                  top_k=32, feature_map="cluster", n_clusters=8)),
+    ("topk-only-compact", dict(n_tokens=400, n_kv=2, group=2, d=64, feature_map=None, selection="compact")),
+    ("compact-covers-mid", dict(n_tokens=100, n_kv=1, group=2, d=32, selection="compact", page_size=8, top_k=1000,
+                                feature_map="compact")),
 ]

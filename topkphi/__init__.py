@@ -12,7 +12,8 @@ from topkphi.config import Config, Dims
 from topkphi.feature_maps import FeatureMap
 from topkphi.reads import ReadCounts, matched_top_k, read_counts
 from topkphi.regions import Regions
-from topkphi.summary import Summary
+from topkphi.step import StepPlan, plan_step
+from topkphi.summary import ReferenceQueries, Summary
 
 __version__ = "0.1.0"
 
@@ -24,10 +25,13 @@ __all__ = [
     "Dims",
     "FeatureMap",
     "ReadCounts",
+    "ReferenceQueries",
     "Regions",
+    "StepPlan",
     "Summary",
     "available_backends",
     "get_backend",
     "matched_top_k",
+    "plan_step",
     "read_counts",
 ]

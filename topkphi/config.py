@@ -11,7 +11,10 @@ from typing import Any, NamedTuple
 
 from topkphi.feature_maps import FEATURE_MAP_KINDS, FeatureMap
 
-SELECTIONS = ("exact", "page")
+SELECTIONS = ("exact", "page", "compact")
+# fitted summaries (SPEC 8): estimators fitted in closed form at prefill, not feature maps
+FITTED_ESTIMATORS = ("cluster", "compact")
+ESTIMATORS = (*FEATURE_MAP_KINDS, *FITTED_ESTIMATORS)
 
 
 class Dims(NamedTuple):
@@ -31,7 +34,10 @@ class Dims(NamedTuple):
 class Config:
     """Budgets and maps of one decode policy.
 
-    ``feature_map=None`` turns the completion off: the Top-K-only baseline.
+    ``feature_map`` names the estimator of the unread mid (SPEC 4, 8): a feature map
+    (``prf``, ``taylor2``, a learned ``FeatureMap``), the clustered summary ``cluster``, or
+    ``compact`` (the page tokens of ``selection="compact"``); ``None`` is the Top-K-only baseline.
+    ``n_clusters`` and ``fit_window`` size the fitted summaries (SPEC 8).
     """
 
     n_sink: int = 4
@@ -43,9 +49,11 @@ class Config:
     n_features: int = 64
     seed: int = 0
     scale: float | None = None
+    n_clusters: int = 32
+    fit_window: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("n_sink", "n_tail", "top_k", "page_size", "n_features", "seed"):
+        for name in ("n_sink", "n_tail", "top_k", "page_size", "n_features", "seed", "n_clusters", "fit_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -58,14 +66,20 @@ class Config:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {self.n_features}")
+        if self.n_clusters < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {self.n_clusters}")
+        if self.fit_window < 1:
+            raise ValueError(f"fit_window must be >= 1, got {self.fit_window}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {self.scale!r}")
         fmap = self.feature_map
         if isinstance(fmap, str):
-            if fmap not in FEATURE_MAP_KINDS:
-                raise ValueError(f"unknown feature map {fmap!r}; expected one of {FEATURE_MAP_KINDS} or None")
+            if fmap not in ESTIMATORS:
+                raise ValueError(f"unknown feature map {fmap!r}; expected one of {ESTIMATORS} or None")
+            if fmap == "compact" and self.selection != "compact":
+                raise ValueError("feature_map='compact' estimates from the compact page tokens: it needs selection='compact'")
             if fmap == "learned":
                 raise ValueError(
                     "feature_map='learned' needs calibrated parameters: pass FeatureMap.learned(...) "
@@ -82,12 +96,27 @@ class Config:
     def completion(self) -> bool:
         return self.feature_map is not None
 
+    @property
+    def estimator(self) -> str | None:
+        """``None``, ``"feature_map"`` (prf, taylor2, learned), ``"cluster"`` or ``"compact"``."""
+        fmap = self.feature_map
+        if fmap is None:
+            return None
+        return fmap if fmap in FITTED_ESTIMATORS else "feature_map"
+
+    @property
+    def fitted(self) -> bool:
+        """The summary is fitted from reference queries at prefill (SPEC 8)."""
+        return self.estimator in FITTED_ESTIMATORS or self.selection == "compact"
+
     def tau(self, d: int) -> float:
         return self.scale if self.scale is not None else d**-0.5
 
     def feature_map_for(self, d: int) -> FeatureMap | None:
         """The map this config uses for head dimension ``d`` (drawn once, then cached)."""
         fmap = self.feature_map
+        if fmap in FITTED_ESTIMATORS:
+            return None
         if fmap is None or isinstance(fmap, FeatureMap):
             if fmap is not None and fmap.d != d:
                 raise ValueError(f"feature map was built for d={fmap.d}, the cache has d={d}")

@@ -1,6 +1,8 @@
-"""The fixed-size side state kept beside the KV cache (SPEC section 4).
+"""The fixed-size side state kept beside the KV cache (SPEC 4, 8).
 
-Arrays are the backend's own type; this module only says what they hold.
+Arrays are the backend's own type; this module only says what they hold. A ``Summary`` has
+two independent parts: ``estimate``, the estimator's state (what completes the unread mid),
+and ``pages``, the selector's page metadata. Either is None when the config does not use it.
 """
 
 from __future__ import annotations
@@ -13,23 +15,64 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Summary:
-    """Feature-map summary of the folded mid tokens plus Quest-style page metadata.
+class FeatureMapState:
+    """SPEC 4: ``s [B,Hkv,m,dv] = sum_j w_j v_j^T``, ``z [B,Hkv,m] = sum_j w_j`` with
+    ``w_j = exp(c_k(k_j) - C) f_k(k_j)``; ``c_max [B,Hkv]`` is ``C`` (-inf while nothing is folded)."""
 
-    ``s [B,Hkv,m,dv]`` and ``z [B,Hkv,m]`` hold ``sum_j w_j v_j^T`` and ``sum_j w_j`` with
-    ``w_j = exp(l_k(k_j) - c_max)``; ``c_max [B,Hkv]`` is ``C`` (-inf while nothing is folded).
-    ``kmin``/``kmax [B,Hkv,n_pages,d]`` cover pages ``first_page ..`` of the folded range.
-    """
+    s: Any
+    z: Any
+    c_max: Any
+
+
+@dataclass
+class ClusterState:
+    """SPEC 8.1, per KV head: ``count [B,Hkv,C]``, key sums ``ksum [B,Hkv,C,d]``, value sums
+    ``vsum [B,Hkv,C,dv]`` (float32 or wider), log-mass corrections ``beta [B,Hkv,C]``, the fit's
+    frozen ``centroids [B,Hkv,C,d]`` and query metric ``metric [B,Hkv,d,d]`` (fold-in assigns by
+    nearest centroid under it), and ``labels [B,Hkv,L]`` (int, -1 outside the folded mid) for the
+    first ``L >= mid_end`` positions: beside the cache, not in it."""
+
+    count: Any
+    ksum: Any
+    vsum: Any
+    beta: Any
+    centroids: Any
+    metric: Any
+    labels: Any
+
+
+@dataclass
+class PageBounds:
+    """SPEC 3 (Quest): elementwise ``kmin``, ``kmax [B,Hkv,n_pages,d]`` of pages ``first_page ..``."""
+
+    kmin: Any
+    kmax: Any
+
+
+@dataclass
+class CompactPages:
+    """SPEC 8.2, one compact token per complete mid page ``first_complete ..``: key ``kappa
+    [B,Hkv,n,d]``, log-mass ``beta [B,Hkv,n]``, value ``nu [B,Hkv,n,dv]``; ``mass [B,Hkv,L]`` is the
+    attention mass each position received (reference queries at prefill, then the exact tail
+    probabilities of decode steps), from which a page is fitted when it leaves the tail."""
+
+    kappa: Any
+    beta: Any
+    nu: Any
+    mass: Any
+    first_complete: int
+
+
+@dataclass
+class Summary:
+    """What a backend keeps per layer beside the cache: folded range ``[mid_start, mid_end)``."""
 
     n_tokens: int  # cache length this summary describes
-    mid_start: int  # folded range [mid_start, mid_end)
+    mid_start: int
     mid_end: int
-    s: Any = None  # None when the completion is off
-    z: Any = None
-    c_max: Any = None
-    kmin: Any = None  # None unless selection == "page"
-    kmax: Any = None
     first_page: int = 0
+    estimate: FeatureMapState | ClusterState | None = None
+    pages: PageBounds | CompactPages | None = None
 
     @property
     def n_folded(self) -> int:
@@ -37,7 +80,31 @@ class Summary:
 
     @property
     def n_pages(self) -> int:
-        return 0 if self.kmin is None else int(self.kmin.shape[2])
+        """Pages the selector ranks: Quest pages of the folded range, or its complete compact pages."""
+        if isinstance(self.pages, PageBounds):
+            return int(self.pages.kmin.shape[2])
+        if isinstance(self.pages, CompactPages):
+            return int(self.pages.kappa.shape[2])
+        return 0
+
+
+@dataclass
+class ReferenceQueries:
+    """Queries the fitted summaries are fitted from (SPEC 8): ``q [B,Hq,W,d]`` at absolute
+    positions ``end - W .. end - 1`` (the last prompt rows, post-RoPE), each attending causally."""
+
+    q: Any
+    end: int
+
+    @property
+    def window(self) -> int:
+        return int(self.q.shape[2])
+
+
+def complete_pages(mid_start: int, mid_end: int, page_size: int) -> tuple[int, int]:
+    """``(first, n)``: the pages lying wholly inside ``[mid_start, mid_end)`` (SPEC 8.2)."""
+    first = -(-mid_start // page_size)
+    return first, max(0, mid_end // page_size - first)
 
 
 def check_compatible(summary: Summary, cfg: Config, n_tokens: int | None = None) -> None:
@@ -46,10 +113,12 @@ def check_compatible(summary: Summary, cfg: Config, n_tokens: int | None = None)
         raise ValueError(f"summary describes {summary.n_tokens} tokens, the cache has {n_tokens}: call append")
     if summary.mid_start != cfg.n_sink:
         raise ValueError(f"summary was built with n_sink={summary.mid_start}, the config says {cfg.n_sink}")
-    if cfg.completion and summary.s is None:
-        raise ValueError("summary was built without a feature map; rebuild it with this config")
-    if cfg.selection == "page" and summary.kmin is None:
-        raise ValueError("summary has no page metadata; rebuild it with selection='page'")
+    wanted = {"feature_map": FeatureMapState, "cluster": ClusterState}.get(cfg.estimator)
+    if wanted is not None and not isinstance(summary.estimate, wanted):
+        raise ValueError(f"summary holds no {cfg.estimator} state; rebuild it with this config")
+    pages = {"page": PageBounds, "compact": CompactPages}.get(cfg.selection)
+    if pages is not None and not isinstance(summary.pages, pages):
+        raise ValueError(f"summary has no {cfg.selection} page metadata; rebuild it with selection={cfg.selection!r}")
 
 
 def fold_range(summary: Summary, cfg: Config, n_tokens: int) -> tuple[int, int]:

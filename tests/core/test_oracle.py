@@ -94,8 +94,9 @@ def test_prefill_then_appends_equals_fresh_build(feature_map, selection):
         summary = ORACLE.append(summary, case.k[:, :, :n], case.v[:, :, :n], cfg)
     fresh = ORACLE.build_summary(case.k, case.v, cfg)
     assert (summary.n_tokens, summary.mid_end) == (fresh.n_tokens, fresh.mid_end) == (260, 244)
-    for name in ("s", "z", "c_max", "kmin", "kmax"):
-        a, b = getattr(summary, name), getattr(fresh, name)
+    parts = [("estimate", n) for n in ("s", "z", "c_max")] + [("pages", n) for n in ("kmin", "kmax")]
+    for part, name in parts:
+        a, b = (getattr(getattr(x, part), name, None) for x in (summary, fresh))
         if b is None:
             assert a is None
             continue
@@ -185,7 +186,7 @@ def test_rho_is_mass_fraction_and_reads_follow_spec():
     np.testing.assert_allclose(stats.token_equivalents, expected)
     assert np.all(stats.tokens_read == 70)
     page = topkphi.Config(n_sink=4, n_tail=16, top_k=48, selection="page", page_size=16, feature_map=None)
-    reads = topkphi.read_counts(page, 4 + 16 + 48, n_mid, False, None, d, dv)
+    reads = topkphi.read_counts(page, 4 + 16 + 48, n_mid, False, d, dv)
     assert reads.total == 68 + 2 * math.ceil(n_mid / 16) * 0.5
 
 
