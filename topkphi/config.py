@@ -79,7 +79,8 @@ class Config:
             if fmap not in ESTIMATORS:
                 raise ValueError(f"unknown feature map {fmap!r}; expected one of {ESTIMATORS} or None")
             if fmap == "compact" and self.selection != "compact":
-                raise ValueError("feature_map='compact' estimates from the compact page tokens: it needs selection='compact'")
+                raise ValueError("feature_map='compact' estimates from the compact page tokens: "
+                                 "it needs selection='compact'")
             if fmap == "learned":
                 raise ValueError(
                     "feature_map='learned' needs calibrated parameters: pass FeatureMap.learned(...) "

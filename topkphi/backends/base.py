@@ -55,7 +55,8 @@ class Backend(ABC):
         k, v = self.as_arrays(k, "k"), self.as_arrays(v, "v")
         dims = check_shapes(None, k, v)
         if cfg.estimator == "cluster" and queries is None:
-            raise ValueError("feature_map='cluster' is fitted from reference queries: pass queries=ReferenceQueries(...)")
+            raise ValueError("feature_map='cluster' is fitted from reference queries: "
+                             "pass queries=ReferenceQueries(...)")
         if queries is not None:
             _check_queries(queries, dims)
         summary = Summary(n_tokens=dims.n_tokens, mid_start=cfg.n_sink, mid_end=cfg.n_sink,
@@ -96,8 +97,8 @@ class Backend(ABC):
 
         ``selected [B,Hkv,T]`` (-1 padded), where a backend accepts it, replaces its own ``T``:
         parity tests feed one backend's selection to another, since near-ties may legitimately
-        order differently in low precision. With ``selection="compact"`` the tail's exact attention mass is added to ``summary``
-        (pages completed during decode are fitted from it, SPEC 8.2)."""
+        order differently in low precision. With ``selection="compact"`` the tail's exact attention
+        mass is added to ``summary`` (pages completed during decode are fitted from it, SPEC 8.2)."""
         q, k, v = (self.as_arrays(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
         dims = self.check_inputs(q, k, v)
         check_compatible(summary, cfg, dims.n_tokens)

@@ -67,7 +67,7 @@ def fit_clusters(q_rows, positions, k_head, v_head, lo: int, hi: int, n_sink: in
                  n_clusters: int, tau: float, seed: int):
     """SPEC 8.1 for one KV head: ``(count, ksum, vsum, beta, centroids, metric, labels [hi - lo])``
     over the mid ``[lo, hi)``, from reference rows ``q_rows [R,d]`` at ``positions``."""
-    d, dv = k_head.shape[1], v_head.shape[1]
+    d = k_head.shape[1]
     metric = query_metric(q_rows)
     keys = k_head[lo:hi]
     n_seeded = min(n_clusters, hi - lo)
