@@ -155,3 +155,20 @@ def test_mid_mass_error_matches_the_taylor2_estimate_computed_directly():
     estimate = np.sum(1 + s[unretrieved] + s[unretrieved] ** 2 / 2)
     true = np.sum(np.exp(s[unretrieved]))
     assert step["mid_mass_error"][0] == pytest.approx(abs(estimate / true - 1), rel=1e-9)
+
+
+@pytest.mark.parametrize("fields", [dict(feature_map="cluster", n_clusters=8),
+                                    dict(selection="compact", feature_map="compact", page_size=8)])
+def test_fitted_summaries_are_fitted_from_earlier_rows_and_help(fields):
+    rng = np.random.default_rng(3)
+    n = 300
+    k = rng.standard_normal((1, 2, n, 16))
+    q = rng.standard_normal((1, 4, 60, 16))
+    k[:, :, rng.choice(n, 20, replace=False)] += 1.5 * q[:, ::2, -1:].mean(axis=2, keepdims=True)
+    cap = LayerCapture(q=q, k=k, v=rng.standard_normal((1, 2, n, 16)), scale=0.25)
+    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=16, **fields)
+    rows = inspect_layer(cap, 0, [n - 2, n - 1], cfg)
+    # the estimate is fitted from the rows before each position, and beats Top-K at matched reads here
+    assert np.mean([r.err_phi for r in rows]) < np.mean([r.err_top_k for r in rows])
+    if cfg.selection == "compact":  # budgets are whole complete pages
+        assert all(r.suggested_top_k % 8 == 0 for r in rows)

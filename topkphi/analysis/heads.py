@@ -20,6 +20,7 @@ from topkphi.backends.numpy_backend import NumpyBackend
 from topkphi.config import Config
 from topkphi.reads import matched_top_k
 from topkphi.regions import Regions, page_span
+from topkphi.summary import ReferenceQueries, Summary, complete_pages
 
 HIGH_ENTROPY = 0.5  # H / log N above this counts as a high-entropy head
 _ORACLE = NumpyBackend()
@@ -115,11 +116,13 @@ def phi_gain(err_top_k: np.ndarray, err_phi: np.ndarray, exact: float = 1e-10) -
     return np.where(worst > exact, (err_top_k - err_phi) / np.where(worst > exact, worst, 1.0), 0.0)
 
 
-def dropped_by_budget(q: np.ndarray, k: np.ndarray, p: np.ndarray, regions: Regions, cfg: Config, scale: float):
+def dropped_by_budget(q: np.ndarray, k: np.ndarray, p: np.ndarray, regions: Regions, cfg: Config, scale: float,
+                      summary: Summary | None = None):
     """``(budgets [n], dropped [Hq, n])``: the dense mass ``p`` leaves out when Top-K takes ``budgets[i]``.
 
-    Mid positions are ranked the way the configured selection ranks them (SPEC section 3): exact by the
-    group's best score, page by the Quest bound, whose budgets are whole pages. ``budgets[0] = 0``.
+    Mid positions are ranked the way the configured selection ranks them (SPEC 3, 8.2): exact by the
+    group's best score, page by the Quest bound, compact by the page tokens' scores (``summary``'s; the
+    partial pages at the ends of mid are always read); page budgets are whole pages. ``budgets[0] = 0``.
     """
     n_q, n_kv = p.shape[0], k.shape[0]
     group = n_q // n_kv
@@ -128,21 +131,33 @@ def dropped_by_budget(q: np.ndarray, k: np.ndarray, p: np.ndarray, regions: Regi
     if regions.n_mid == 0:
         return np.zeros(1, dtype=np.int64), mid_mass[:, None]
     q64, k64 = np.asarray(q, np.float64).reshape(n_kv, group, -1), np.asarray(k, np.float64)
+    size = cfg.page_size
     if cfg.selection == "exact":
         spans = [(j, j + 1) for j in mid]
         budgets = np.arange(regions.n_mid + 1)
+    elif cfg.selection == "compact":
+        first, n_pages = complete_pages(regions.mid_start, regions.mid_end, size)
+        spans = [(i * size, (i + 1) * size) for i in range(first, first + n_pages)]
+        mid_mass = np.stack([p[:, lo:hi].sum(axis=-1) for lo, hi in spans], axis=-1).sum(axis=-1) if spans \
+            else np.zeros(n_q)
+        budgets = size * np.arange(n_pages + 1)
     else:
-        size = cfg.page_size
         first, n_pages = page_span(regions.mid_start, regions.mid_end, size)
         spans = [(max(i * size, regions.mid_start), min((i + 1) * size, regions.mid_end))
                  for i in range(first, first + n_pages)]
         budgets = size * np.arange(n_pages + 1)
+    if not spans:
+        return np.zeros(1, dtype=np.int64), mid_mass[:, None]
     dropped = np.zeros((n_q, len(spans) + 1))
     for g in range(n_kv):
         heads = slice(g * group, (g + 1) * group)
         if cfg.selection == "exact":
             rank = (scale * q64[g] @ k64[g, mid].T).max(axis=0)
             mass = p[heads][:, mid]
+        elif cfg.selection == "compact":
+            pages = summary.pages
+            rank = (scale * q64[g] @ pages.kappa[0, g].T + pages.beta[0, g]).max(axis=0)
+            mass = np.stack([p[heads, lo:hi].sum(axis=-1) for lo, hi in spans], axis=-1)
         else:
             kmin = np.stack([k64[g, lo:hi].min(axis=0) for lo, hi in spans])
             kmax = np.stack([k64[g, lo:hi].max(axis=0) for lo, hi in spans])
@@ -166,10 +181,13 @@ def smallest_budget(budgets: np.ndarray, dropped: np.ndarray, limit: float) -> n
     return np.maximum(budgets[ok.argmax(axis=-1)], floor)
 
 
-def inspect_step(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: Config, max_dropped_mass: float) -> dict:
+def inspect_step(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: Config, max_dropped_mass: float,
+                 ref_q: np.ndarray | None = None) -> dict:
     """Every metric of one decode step, per query head: ``q [Hq, d]``, ``k [Hkv, N, d]``, ``v [Hkv, N, dv]``.
 
-    ``cfg.scale`` must be the model's scale. The Top-K-only baseline gets ``matched_top_k`` tokens.
+    ``cfg.scale`` must be the model's scale. The Top-K-only baseline gets ``matched_top_k`` tokens and
+    the same selector. Fitted summaries (SPEC 8) are fitted from ``ref_q [Hq, W, d]``, the query rows of
+    the W positions before this step's (earlier positions only: the fit never sees the scored query).
     """
     n_q, d = q.shape
     n_kv, n_tokens, dv = v.shape
@@ -179,14 +197,19 @@ def inspect_step(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: Config, max_d
     regions = Regions.of(n_tokens, cfg.n_sink, cfg.n_tail)
     q3, k4, v4 = np.asarray(q, np.float64)[None], np.asarray(k, np.float64)[None], np.asarray(v, np.float64)[None]
     ref = _ORACLE.dense(q3, k4, v4, scale)[0]
-    out_phi, stats = _ORACLE.decode(q3, k4, v4, _ORACLE.build_summary(k4, v4, cfg), cfg)
+    queries = None
+    if ref_q is not None and ref_q.shape[1] > 0:
+        queries = ReferenceQueries(np.asarray(ref_q, np.float64)[None], end=n_tokens - 1)
+    summary = _ORACLE.build_summary(k4, v4, cfg, queries=queries)
+    out_phi, stats = _ORACLE.decode(q3, k4, v4, summary, cfg)
     base = cfg.replace(feature_map=None, top_k=matched_top_k(cfg, d, dv))
-    out_top_k, _ = _ORACLE.decode(q3, k4, v4, _ORACLE.build_summary(k4, v4, base), base)
+    base_summary = _ORACLE.build_summary(k4, v4, base, queries=queries)
+    out_top_k, _ = _ORACLE.decode(q3, k4, v4, base_summary, base)
 
     p = attention_probs(q, k, scale)
     masses = region_masses(p, regions, np.asarray(stats.selected)[0])
     rho = np.asarray(stats.rho, np.float64)[0]
-    budgets, dropped = dropped_by_budget(q, k, p, regions, cfg, scale)
+    budgets, dropped = dropped_by_budget(q, k, p, regions, cfg, scale, summary)
     own = smallest_budget(budgets, dropped, max_dropped_mass)
     group = n_q // n_kv
     per_kv = np.repeat(own.reshape(n_kv, group).max(axis=1), group)
@@ -209,12 +232,16 @@ def inspect_step(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: Config, max_d
 def inspect_layer(capture, layer: int, positions: list[int], cfg: Config, max_dropped_mass: float = 0.05
                   ) -> list[HeadReport]:
     """One report per query head of ``capture`` (a ``LayerCapture``), averaged over the decode steps at
-    ``positions``; the suggested budgets are the largest over the steps."""
+    ``positions``; the suggested budgets are the largest over the steps. Fitted summaries are fitted
+    from up to ``cfg.fit_window`` captured query rows before each position (capture that many more)."""
     cfg = cfg.replace(scale=capture.scale)
     steps = []
+    first_row = capture.k.shape[2] - capture.q.shape[2]  # absolute position of capture.q[:, :, 0]
     for position in positions:
         q, k, v = capture.decode_step(position)
-        steps.append(inspect_step(q[0], k[0], v[0], cfg, max_dropped_mass))
+        lo = max(first_row, position - cfg.fit_window)
+        ref_q = capture.q[0, :, lo - first_row: position - first_row] if cfg.fitted else None
+        steps.append(inspect_step(q[0], k[0], v[0], cfg, max_dropped_mass, ref_q))
     n_q, n_kv = capture.q.shape[1], capture.k.shape[1]
     mean = {name: np.mean([s[name] for s in steps], axis=0) for name in steps[0]}
     suggested = {name: np.max([s[name] for s in steps], axis=0) for name in ("suggested_top_k", "suggested_top_k_kv")}
