@@ -184,3 +184,13 @@ def test_cluster_reads_follow_spec_9():
     n_mid = 400 - 4 - 16
     expected = (4 + 16 + 50) + (16 * (d + dv + 2) + 50 * 2) / (d + dv) + n_mid * d / (d + dv)
     np.testing.assert_allclose(stats.token_equivalents, expected)
+
+
+def test_only_the_last_fit_window_rows_are_fitted_from():
+    case = random_case(13, n_tokens=300, group=2, feature_map="cluster", n_clusters=8)
+    cfg = case.cfg.replace(fit_window=4)
+    full = ORACLE.build_summary(case.k, case.v, cfg, queries=case.queries())
+    last = ORACLE.build_summary(case.k, case.v, cfg, queries=topkphi.ReferenceQueries(case.ref_q[:, :, -4:], end=300))
+    np.testing.assert_array_equal(full.estimate.beta, last.estimate.beta)
+    wide = ORACLE.build_summary(case.k, case.v, case.cfg, queries=case.queries())
+    assert not np.allclose(wide.estimate.metric, full.estimate.metric)

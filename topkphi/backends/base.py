@@ -59,6 +59,8 @@ class Backend(ABC):
                              "pass queries=ReferenceQueries(...)")
         if queries is not None:
             _check_queries(queries, dims)
+            if queries.window > cfg.fit_window:  # the last fit_window rows (SPEC 8)
+                queries = ReferenceQueries(queries.q[:, :, queries.window - cfg.fit_window:], queries.end)
         summary = Summary(n_tokens=dims.n_tokens, mid_start=cfg.n_sink, mid_end=cfg.n_sink,
                           first_page=cfg.n_sink // cfg.page_size)
         lo, hi = cfg.n_sink, max(cfg.n_sink, dims.n_tokens - cfg.n_tail)
