@@ -1,17 +1,22 @@
 """Metal source of the fused topkphi decode, built with ``mx.fast.metal_kernel`` (imports only mlx).
 
-One threadgroup per (batch, KV head) runs SPEC section 5 for the head's G query heads:
-gather the read set from the ``[B, Hkv, N, d]`` cache by index, online softmax with a running
-max per query head, phi completion for exp-linear maps (prf, learned) with the retrieved
+One threadgroup per (batch, KV head) runs SPEC section 5 for the head's G query heads over the
+read set of ``topkphi.step`` (``n_anchor`` sink and tail positions, then the retrieved ``T``, then
+-1 padding): gather the rows from the ``[B, Hkv, N, d]`` cache by index, online softmax with a
+running max per query head, phi completion for exp-linear maps (prf, learned) with the retrieved
 tokens' estimated share computed here from the keys already loaded, one normalization.
 Each of the NSG simdgroups takes every NSG-th read-set entry; its 32 lanes split d and dv and
 reduce with ``simd_sum``. Accumulation is float32 whatever the input dtype.
 
+It returns ``out``, ``rho`` and ``lse``: ``(out, lse)`` is its attention state in normalized form,
+so an estimate made outside the kernel (clusters, compact pages, taylor2) merges with it after
+the call (``topkphi/backends/mlx_ops.py``: ``normalized_state``, ``merge``); ``OutT = float`` then.
+
 Launch (see ``topkphi/backends/mlx_metal.py``): grid ``(32 * NSG, B * Hkv, 1)``, threadgroup
-``(32 * NSG, 1, 1)``; templates ``InT`` (q/k/v dtype), ``G, D, DV, M, NSG`` (ints),
-``HAS_PHI, PHI_PER_HEAD`` (bools). This source has never been compiled or run on Apple hardware;
-on Linux its arithmetic, indexing and barrier structure run under a C++ thread emulation
-(``tests/backends/test_mlx_backend.py``), which says nothing about Metal compilation or speed.
+``(32 * NSG, 1, 1)``; templates ``InT`` (q/k/v dtype), ``OutT`` (out dtype), ``G, D, DV, M, NSG``
+(ints), ``HAS_PHI, PHI_PER_HEAD`` (bools). This source has never been compiled or run on Apple
+hardware; on Linux its arithmetic, indexing and barrier structure run under a C++ thread emulation
+(``tests/backends/test_mlx_metal.py``), which says nothing about Metal compilation or speed.
 """
 
 from __future__ import annotations
@@ -24,24 +29,22 @@ INPUT_NAMES = [
     "q",  # [B, Hq, D] InT, row-contiguous
     "k",  # [B, Hkv, N, D] InT, any strides (k_strides)
     "v",  # [B, Hkv, N, DV] InT, any strides (v_strides)
-    "read_idx",  # [B, Hkv, R] int32 positions, -1 = unused slot
-    "complete",  # [B, Hkv] int32: 1 where the summary completes the head
+    "read_idx",  # [B, Hkv, R] int32: n_anchor anchors, then T, then -1 (unused slots)
     "w_q",  # [H', M, D] float32 (H' = Hkv when PHI_PER_HEAD, else 1)
     "b_q",  # [H', M] float32
     "w_k",  # [H', M, D] float32
     "b_k",  # [H', M] float32
     "s_sum",  # [B, Hkv, M, DV] float32: the summary's S
     "z_sum",  # [B, Hkv, M] float32
-    "c_max",  # [B, Hkv] float32: the summary's C
+    "c_big",  # [B, Hkv] float32: the summary's C (0 where nothing is folded)
     "n_kv",  # int scalars
     "n_read",
-    "mid_start",
-    "mid_end",
+    "n_anchor",  # read-set entries from n_anchor on are the retrieved T
     "tau",  # float scalars: score scale, sqrt(tau), norm_coef / 2
     "sqrt_tau",
     "half_nc",
 ]
-OUTPUT_NAMES = ["out", "rho"]  # [B, Hq, DV] InT, [B, Hq] float32
+OUTPUT_NAMES = ["out", "rho", "lse"]  # [B, Hq, DV] OutT, [B, Hq] float32, [B, Hq] float32
 
 SIMD = 32
 THREADGROUP_MEMORY = 32768  # bytes every Apple GPU family gives a threadgroup
@@ -124,8 +127,7 @@ SOURCE = """
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
-    const bool phi_on = HAS_PHI && complete[bh] != 0;
-    const float c_big = HAS_PHI ? c_max[bh] : 0.0f;
+    const float c_ref = HAS_PHI ? c_big[bh] : 0.0f;
     // k, v by their strides: mlx-lm hands views of a larger buffer, never copied here (int64 offsets)
     const device InT* k_h = k + b_idx * k_strides[0] + g_idx * k_strides[1];
     const device InT* v_h = v + b_idx * v_strides[0] + g_idx * v_strides[1];
@@ -178,7 +180,7 @@ SOURCE = """
             }
             m_i[h] = m_new;
         }
-        if (HAS_PHI && phi_on && j >= mid_start && j < mid_end) {
+        if (HAS_PHI && r >= n_anchor) {
             // retrieved: subtract its share as folded into S, z, e_i = exp(l_k,i - C)
             float norm = 0.0f;
             for (int t = 0; t < DP; ++t) {
@@ -202,7 +204,7 @@ SOURCE = """
                 for (int e = 0; e < D; ++e) {
                     logit += wk[i * D + e] * key_s[sg * D + e];
                 }
-                const float w = metal::exp(logit - c_big);
+                const float w = metal::exp(logit - c_ref);
                 for (int h = 0; h < G; ++h) {
                     part[h] += fq_s[h * M + i] * w;
                 }
@@ -276,7 +278,7 @@ SOURCE = """
         for (int t = 0; t < VP; ++t) {
             n_phi[t] = 0.0f;
         }
-        if (phi_on) {
+        if (HAS_PHI) {
             const device float* s_h = s_sum + size_t(bh) * M * DV;
             const device float* z_h = z_sum + bh * M;
             float fz = 0.0f;
@@ -295,7 +297,7 @@ SOURCE = """
                         n_phi[t] = fs - sub_s[h * DV + e];
                     }
                 }
-                const float phi_log = cq_s[h] + c_big + metal::log(d_phi);
+                const float phi_log = cq_s[h] + c_ref + metal::log(d_phi);
                 m_star = metal::max(m_ex, phi_log);
                 w_phi = metal::exp(phi_log - m_star);
                 inv_d = 1.0f / d_phi;
@@ -307,11 +309,12 @@ SOURCE = """
             const int e = lane + 32 * t;
             if (e < DV) {
                 const float num = a * acc_s[h * DV + e] + w_phi * inv_d * n_phi[t];
-                out[(bh * G + h) * DV + e] = static_cast<InT>(num / den);
+                out[(bh * G + h) * DV + e] = static_cast<OutT>(num / den);
             }
         }
         if (lane == 0) {
             rho[bh * G + h] = w_phi / den;
+            lse[bh * G + h] = m_star + metal::log(den);
         }
     }
 """
