@@ -1,4 +1,4 @@
-"""Tensor ops of the torch backend: feature maps, summary folding, selection and the merge.
+"""Tensor ops of the torch backend: feature maps, page metadata, selection and the merge.
 
 Every function is vectorized over ``[B, Hkv]`` and the query group; all accumulation is
 float32 (SPEC section 1). Shapes are named as in the SPEC: ``G = Hq // Hkv``, ``R`` = read set.
@@ -7,66 +7,11 @@ float32 (SPEC section 1). Shapes are named as in the SPEC: ``G = Hq // Hkv``, ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-NEG_INF = float("-inf")
-
-
-@dataclass
-class ReadSet:
-    """The tokens one decode step reads exactly, per KV head (what ``select`` hands ``attend``).
-
-    ``idx [B,Hkv,R]`` int64 absolute positions: the ``n_anchor`` sink+tail anchors first (the
-    same for every head), then the retrieved mid tokens ``T`` ascending, then ``-1`` padding.
-    ``n_read [B,Hkv]`` counts the valid entries, ``n_selected [B,Hkv]`` those in ``T``;
-    ``covers_mid``: ``T`` is all of mid, so the step is exact attention and skips the summary.
-    """
-
-    idx: torch.Tensor
-    n_read: torch.Tensor
-    n_selected: torch.Tensor
-    n_anchor: int
-    covers_mid: bool = False
-
-    @property
-    def selected(self) -> torch.Tensor:
-        """``T [B,Hkv,R - n_anchor]``, ascending, -1 padded (a view of ``idx``)."""
-        return self.idx[..., self.n_anchor :]
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.idx >= 0
-
-    @property
-    def retrieved(self) -> torch.Tensor:
-        """``[B,Hkv,R]`` bool: the entry is a retrieved mid token (its share leaves the summary)."""
-        pos = torch.arange(self.idx.shape[-1], device=self.idx.device)
-        return (pos >= self.n_anchor) & self.valid
-
-
-@dataclass
-class PhiTensors:
-    """One layer's feature map and summary on the decode device, float32.
-
-    ``w_q, w_k [H',m,d]``, ``b_q, b_k [H',m]`` (``H'`` in ``{1, Hkv}``; None for taylor2);
-    ``s [B,Hkv,m,dv]``, ``z [B,Hkv,m]``, ``c_max [B,Hkv]``; ``active [B,Hkv]`` bool: the
-    head's read set leaves part of mid unread, so the completion applies there.
-    """
-
-    kind: str
-    norm_coef: float
-    w_q: torch.Tensor | None
-    b_q: torch.Tensor | None
-    w_k: torch.Tensor | None
-    b_k: torch.Tensor | None
-    s: torch.Tensor
-    z: torch.Tensor
-    c_max: torch.Tensor
-    active: torch.Tensor
-
+from topkphi.step import NEG_INF, ReadSet
 
 # ---------------------------------------------------------------- feature maps (SPEC 4)
 
@@ -95,6 +40,40 @@ def fold(s, z, c_max, f, c, v_new):
     return s, z, c_new
 
 
+# ---------------------------------------------------------------- buffers with spare room
+
+
+def extended(view: torch.Tensor, n: int, fill: float = 0.0) -> torch.Tensor:
+    """``view [B,H,n0,...]`` as a prefix view of length ``n >= n0`` along dim 2.
+
+    Written in place behind the view where its buffer has room (appends then cost O(new)); else a
+    buffer of twice the room, ``fill`` beyond the copied prefix. The old view stays a prefix of it."""
+    buf = view._base if is_prefix_view(view) else view
+    if buf.shape[2] < n:
+        grown = buf.new_full((*buf.shape[:2], max(n + 16, 2 * buf.shape[2]), *buf.shape[3:]), fill)
+        grown[:, :, : view.shape[2]] = view
+        buf = grown
+    return buf[:, :, :n]
+
+
+def spare(lead: tuple, n: int, trail: tuple, device, dtype: torch.dtype, fill: float = 0.0) -> torch.Tensor:
+    """A ``fill``-ed prefix view ``[*lead, n, *trail]`` of a buffer with a quarter more room along dim 2."""
+    cap = n + max(16, n // 4)
+    return torch.full((*lead, cap, *trail), fill, dtype=dtype, device=device)[:, :, :n]
+
+
+def is_prefix_view(x: torch.Tensor) -> bool:
+    base = x._base
+    return (
+        base is not None
+        and base.dim() == x.dim()
+        and base.shape[:2] == x.shape[:2]
+        and base.shape[3:] == x.shape[3:]
+        and base.storage_offset() == x.storage_offset()  # data_ptr() is 0 for an empty view
+        and base.stride() == x.stride()
+    )
+
+
 def page_extrema(k: torch.Tensor, start: int, end: int, first_page: int, page_size: int):
     """``kmin, kmax [B,H,n,d]`` of the pages ``first_page ..`` over the keys ``k[:, :, start:end]``
     (``start >= first_page * page_size``): the segment is padded to whole pages with +-inf."""
@@ -108,17 +87,7 @@ def page_extrema(k: torch.Tensor, start: int, end: int, first_page: int, page_si
     return lo, hi
 
 
-def grow_pages(buf: torch.Tensor, n_used: int, n_needed: int) -> torch.Tensor:
-    """A page buffer ``[B,H,cap,d]`` with room for ``n_needed`` pages, keeping the first ``n_used``."""
-    if buf.shape[2] >= n_needed:
-        return buf
-    cap = max(n_needed + 16, 2 * buf.shape[2])
-    out = buf.new_empty((*buf.shape[:2], cap, buf.shape[3]))
-    out[:, :, :n_used] = buf[:, :, :n_used]
-    return out
-
-
-# ---------------------------------------------------------------- selection (SPEC 3)
+# ---------------------------------------------------------------- selection (SPEC 3, 8.2)
 
 
 def topk_ascending(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -154,12 +123,38 @@ def page_tokens(pages: torch.Tensor, page_size: int, mid_start: int, mid_end: in
     -1 padded; counts [B,H])``. Only the pages at the mid boundaries can be partial."""
     pos = pages[..., None] * page_size + torch.arange(page_size, device=pages.device)
     ok = (pos >= mid_start) & (pos < mid_end) & (pages[..., None] >= 0)
+    return packed(torch.where(ok, pos, -1).flatten(-2))
+
+
+def packed(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions ascending with -1 entries moved last, counts of the others)`` along the last axis."""
     big = torch.iinfo(torch.int64).max
-    flat = torch.where(ok, pos, big).flatten(-2).sort(-1).values
-    return torch.where(flat == big, -1, flat), ok.sum((-1, -2))
+    flat = torch.where(positions >= 0, positions, big).sort(-1).values
+    return torch.where(flat == big, -1, flat), (positions >= 0).sum(-1)
 
 
 # ---------------------------------------------------------------- the merge (SPEC 5)
+
+
+class ReadRows(NamedTuple):
+    """The read set's rows in float32: what ``attend`` and every estimator take (built by ``read_rows``)."""
+
+    q_g: torch.Tensor  # [B,Hkv,G,d]
+    k_read: torch.Tensor  # [B,Hkv,R,d]
+    v_read: torch.Tensor  # [B,Hkv,R,dv]
+    retrieved: torch.Tensor  # [B,Hkv,R] bool: a T entry (its share leaves the estimate)
+    scores: torch.Tensor  # [B,Hkv,G,R], -inf on padding
+
+
+def read_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reads: ReadSet, tau: float) -> ReadRows:
+    batch, n_q, d = q.shape
+    n_kv = k.shape[1]
+    q_g = q.to(torch.float32).reshape(batch, n_kv, n_q // n_kv, d)
+    k_read, v_read = gather_tokens(k, reads.idx), gather_tokens(v, reads.idx)
+    valid = reads.idx >= 0
+    scores = ((q_g @ k_read.transpose(-1, -2)) * tau).masked_fill(~valid[:, :, None], NEG_INF)
+    retrieved = valid & (torch.arange(reads.idx.shape[-1], device=q.device) >= reads.n_anchor)
+    return ReadRows(q_g, k_read, v_read, retrieved, scores)
 
 
 class State(NamedTuple):
@@ -183,7 +178,7 @@ def exact_state(scores: torch.Tensor, v_read: torch.Tensor) -> State:
 
 
 def phi_state(lam: torch.Tensor, n_phi: torch.Tensor, d_phi: torch.Tensor) -> State:
-    """State of the summary's estimate ``exp(lam) * (n_phi, d_phi)``; none where ``d_phi <= 0``."""
+    """State of an estimate ``exp(lam) * (n_phi, d_phi)``; none where ``d_phi <= 0``."""
     keep = d_phi > 0
     safe = torch.where(keep, d_phi, 1.0)
     m = torch.where(keep, lam + torch.log(safe), NEG_INF)
@@ -200,26 +195,22 @@ def state_normalize(s: State) -> torch.Tensor:
     return s.acc / s.l[..., None]
 
 
+def state_lse(s: State) -> torch.Tensor:
+    """Log of the state's softmax normalizer (the step's ``lse``)."""
+    return s.m + torch.log(s.l)
+
+
 def mass_fraction(part: State, whole: State) -> torch.Tensor:
     """Share of ``whole``'s mass that ``part`` holds (rho when ``part`` is the estimate)."""
     return part.l * _exp_diff(part.m, whole.m) / whole.l
 
 
-def phi_completion(qf, scores, k_read, v_read, retrieved, phi: PhiTensors, tau: float):
-    """``(lam, n_phi, d_phi)`` per query head (SPEC 5): the summary's estimate minus the share of
-    the retrieved tokens, recomputed from the keys already read. ``qf [B,Hkv,G,d]``."""
-    f_q, c_q = features(qf, phi.kind, phi.w_q, phi.b_q, phi.norm_coef, tau)  # [B,Hkv,G,m]
-    c_big = phi.c_max[..., None]  # [B,Hkv,1]
-    if phi.kind == "taylor2":  # f_q . f_k = 1 + s + s^2 / 2 and c = 0: the scores suffice
-        share = torch.where(retrieved[:, :, None], 1 + scores + 0.5 * scores * scores, 0.0)
-    else:
-        f_k, c_k = features(k_read, phi.kind, phi.w_k, phi.b_k, phi.norm_coef, tau)  # [B,Hkv,R,m]
-        w_t = torch.where(retrieved, torch.exp(c_k - c_big), 0.0)[..., None] * f_k
-        share = f_q @ w_t.transpose(-1, -2)  # [B,Hkv,G,R]
-    n_phi = f_q @ phi.s - share @ v_read
-    d_phi = (f_q @ phi.z[..., None])[..., 0] - share.sum(-1)
-    d_phi = torch.where(phi.active[..., None], d_phi, 0.0)
-    return c_q + c_big, n_phi, d_phi
+def logit_sums(logit: torch.Tensor, values: torch.Tensor):
+    """``(lam, n_phi, d_phi)`` of ``sum_c exp(logit_c) * (values_c, 1)``: ``logit [B,H,G,C]`` (-inf
+    where a term is absent), ``values [B,H,C,dv]``; ``d_phi = 0`` where every term is absent."""
+    lam = logit.amax(-1)
+    w = _exp_diff(logit, torch.where(lam == NEG_INF, 0.0, lam)[..., None])
+    return lam, w @ values, w.sum(-1)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
