@@ -1,18 +1,22 @@
-"""Record each attention layer's post-RoPE queries, keys and values during a forward pass.
+"""Record post-RoPE queries: every layer's arrays for analyses, and the reference rows a cache fits from.
 
-Analyses (head inspection, calibration, evaluation) replay decode steps on these arrays with the
-float64 oracle: the query at position t with the cache ``[0, t]`` is exactly the decode step
-that produced token t+1.
+Analyses (head inspection, calibration, evaluation) replay decode steps on ``LayerCapture``
+arrays with the float64 oracle: the query at position t with the cache ``[0, t]`` is exactly
+the decode step that produced token t+1. ``ReferenceRows`` is what the model integrations keep
+per layer while a prefill runs: the last ``fit_window`` query rows, SPEC 8's reference queries.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from topkphi.summary import ReferenceQueries
 
 
 @dataclass
@@ -30,6 +34,53 @@ class LayerCapture:
             raise ValueError(f"position {position} was not captured (last {n_queries} of {n_tokens})")
         sl = slice(batch, batch + 1)
         return self.q[sl, :, j], self.k[sl, :, : position + 1], self.v[sl, :, : position + 1]
+
+    def reference_queries(self, end: int, window: int, batch: int = 0) -> ReferenceQueries:
+        """The rows ``end - window .. end - 1`` (fewer if fewer were captured): what a cache whose
+        prefill ended at ``end`` fits its summary from (SPEC 8)."""
+        n_tokens, n_queries = self.k.shape[2], self.q.shape[2]
+        stop = end - (n_tokens - n_queries)
+        if not 0 < stop <= n_queries:
+            raise ValueError(f"rows before {end} were not captured (last {n_queries} of {n_tokens})")
+        start = max(0, stop - window)
+        return ReferenceQueries(self.q[batch : batch + 1, :, start:stop], end=end)
+
+
+class ReferenceRows:
+    """The last ``window`` query rows ``[B,Hq,<=W,d]`` a cache's prefill produced (SPEC 8).
+
+    A prefill may run in chunks (mlx-lm's prefill step, chunked HF prefill), so the summary is
+    fitted only when decoding starts, from the rows of every chunk. ``copy`` must return a new
+    buffer: a slice would keep the chunk's whole query tensor alive. ``concat`` joins along rows.
+    """
+
+    def __init__(self, window: int, concat: Callable[[list[Any]], Any], copy: Callable[[Any], Any]) -> None:
+        self.window, self.concat, self.copy = window, concat, copy
+        self.rows: Any = None
+        self.end = 0
+
+    def add(self, q: Any, end: int) -> None:
+        """Query rows ``q [B,Hq,L,d]`` of absolute positions ``end - L .. end - 1``."""
+        n_rows = q.shape[2]
+        if self.rows is not None and end - n_rows != self.end:
+            raise ValueError(f"query rows of positions {end - n_rows}..{end - 1} do not follow the rows "
+                             f"captured up to {self.end}")
+        rows = q[:, :, -self.window:]
+        if self.rows is not None and rows.shape[2] < self.window:
+            rows = self.concat([self.rows, rows])[:, :, -self.window:]
+        self.rows, self.end = self.copy(rows), end
+
+    def take(self, q_step: Any, n_tokens: int) -> ReferenceQueries:
+        """The captured rows, then forget them. A cache whose first forward was one token has none:
+        then the decode step's own query ``q_step [B,Hq,d]`` (it attends to all ``n_tokens``) is the row."""
+        if self.rows is None:
+            return ReferenceQueries(q_step[:, :, None], end=n_tokens)
+        queries = ReferenceQueries(self.rows, end=self.end)
+        self.clear()
+        return queries
+
+    def clear(self) -> None:
+        self.rows, self.end = None, 0
 
 
 def capture_torch(model, input_ids, n_queries: int) -> list[LayerCapture]:

@@ -2,7 +2,9 @@
 
 Prefill runs the model's own SDPA path; decode steps (one query token, no padding mask) run
 topkphi. The KV cache stays a standard ``DynamicCache``: its full-attention layers are
-``TopKPhiLayer`` objects that fold tokens into the summary as they leave the tail.
+``TopKPhiLayer`` objects that keep the summary and fold tokens into it as they leave the tail.
+A fitted summary (SPEC 8) is fitted at the first decode step from the last ``fit_window`` query
+rows of the prefill, which the attention function hands to the layer as the prefill runs.
 
     with topkphi_attention(model):
         cache = TopKPhiCache(model, topkphi.Config(top_k=256), get_backend("torch"))
@@ -11,8 +13,10 @@ topkphi. The KV cache stays a standard ``DynamicCache``: its full-attention laye
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -21,9 +25,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from topkphi.backends.base import Backend
+from topkphi.capture import ReferenceRows
 from topkphi.config import Config
 
 ATTENTION_NAME = "topkphi"
+# transformers gives the cache to ``update`` but not to the attention function that runs right after
+# it in the same module: ``update`` leaves its layer here, the attention function takes it (a weak
+# reference, so a dropped cache is not kept alive)
+_UPDATED_LAYER: ContextVar[weakref.ref | None] = ContextVar("topkphi_updated_layer", default=None)
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -68,6 +77,8 @@ class TopKPhiLayer(DynamicLayer):
         super().__init__()
         self.cfg, self.backend, self.totals = cfg, backend, totals
         self.summary = None
+        self.reference = ReferenceRows(cfg.fit_window, lambda rows: torch.cat(rows, dim=2),
+                                       lambda x: x.detach().clone(memory_format=torch.contiguous_format))
         self.n_tokens = 0
         self._k_buf = self._v_buf = None
 
@@ -85,12 +96,11 @@ class TopKPhiLayer(DynamicLayer):
         self.n_tokens += n_new
         keys, values = self._k_buf[:, :, : self.n_tokens], self._v_buf[:, :, : self.n_tokens]
         self.keys, self.values = keys, values
-        if self.summary is None:
-            self.summary = self.backend.build_summary(keys, values, self.cfg)
-        else:
+        if self.summary is not None:
             self.summary = self.backend.append(self.summary, keys, values, self.cfg)
-        # the attention function finds its layer through the tensors it is handed
-        keys.topkphi_layer = self
+        elif not self.cfg.fitted:  # a fitted summary waits for the prefill's query rows (see decode)
+            self.summary = self.backend.build_summary(keys, values, self.cfg)
+        _UPDATED_LAYER.set(weakref.ref(self))
         return keys, values
 
     def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
@@ -108,14 +118,24 @@ class TopKPhiLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.n_tokens
 
+    def observe(self, query: torch.Tensor) -> None:
+        """A multi-token forward's post-RoPE ``query [B,Hq,L,d]``: kept (its last rows) while a
+        fitted summary waits for its reference queries; tokens appended to a summary are folded."""
+        if self.summary is None and self.cfg.fitted:
+            self.reference.add(query, self.n_tokens)
+
     def decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """One decode step for ``query [B,Hq,d]``; returns ``[B,Hq,dv]``."""
+        if self.summary is None:  # the first step after a prefill fits the summary
+            queries = self.reference.take(query, self.n_tokens)
+            self.summary = self.backend.build_summary(keys, values, self.cfg, queries=queries)
         out, stats = self.backend.decode(query, keys, values, self.summary, self.cfg)
         self.totals.add(stats.rho, stats.token_equivalents, stats.n_tokens)
         return out
 
     def _invalidate(self) -> None:
-        self.summary = None  # rebuilt from the cache at the next update
+        self.summary = None  # rebuilt from the cache (and refitted from the rows that run next)
+        self.reference.clear()
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove < 0:
@@ -126,7 +146,8 @@ class TopKPhiLayer(DynamicLayer):
             super().crop(tokens_to_remove)
 
     def reset(self) -> None:
-        self.n_tokens, self._k_buf, self._v_buf, self.summary = 0, None, None, None
+        self.n_tokens, self._k_buf, self._v_buf = 0, None, None
+        self._invalidate()
         super().reset()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -156,16 +177,25 @@ class TopKPhiCache(DynamicCache):
             self.layers[i] = TopKPhiLayer(layer_cfg, backend, self.totals)
 
 
-
 def topkphi_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered attention function: topkphi on decode steps, the model's SDPA otherwise."""
-    layer = getattr(key, "topkphi_layer", None)
-    if layer is None or query.shape[2] != 1 or attention_mask is not None:
-        # prefill, or a padded batch whose mask topkphi does not apply: exact attention
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    out = layer.decode(query[:, :, 0], key, value)
-    return out[:, None], None  # [B, 1, Hq, dv], as the SDPA path returns
+    layer = _updated_layer(key)
+    if layer is not None and query.shape[2] == 1 and attention_mask is None:
+        out = layer.decode(query[:, :, 0], key, value)
+        return out[:, None], None  # [B, 1, Hq, dv], as the SDPA path returns
+    if layer is not None and query.shape[2] > 1:
+        layer.observe(query)
+    # prefill, a plain cache, or a padded batch whose mask topkphi does not apply: exact attention
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+def _updated_layer(key: torch.Tensor) -> TopKPhiLayer | None:
+    """The ``TopKPhiLayer`` whose ``update`` returned ``key`` just before this attention call, if any."""
+    ref = _UPDATED_LAYER.get()
+    _UPDATED_LAYER.set(None)
+    layer = None if ref is None else ref()
+    return layer if layer is not None and layer.keys is key else None
 
 
 def register() -> None:

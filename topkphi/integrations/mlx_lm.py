@@ -1,7 +1,10 @@
 """mlx-lm: a KVCache subclass that carries the summary, and decode-step routing of mlx-lm's attention.
 
 mlx-lm's model files import ``scaled_dot_product_attention`` by name, so routing patches that
-global in each module the loaded model uses, and puts the original back on exit.
+global in each module the loaded model uses, and puts the original back on exit. The routed
+function is handed the cache, so it gives a prefill's queries to it: a fitted summary (SPEC 8) is
+fitted at the first decode step from the last ``fit_window`` query rows of the prefill (mlx-lm
+prefills in chunks and runs the prompt's last token as a step of its own).
 
     cache = [TopKPhiKVCache(cfg, backend) for _ in model.layers]
     with topkphi_attention(model):
@@ -17,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from topkphi.backends.base import Backend
-from topkphi.capture import patch_attention
+from topkphi.capture import ReferenceRows, patch_attention
 from topkphi.config import Config
 
 
@@ -28,23 +31,32 @@ class TopKPhiKVCache(KVCache):
         super().__init__()
         self.cfg, self.backend = cfg, backend
         self.summary = None
+        self.reference = ReferenceRows(cfg.fit_window, lambda rows: mx.concatenate(rows, axis=2), mx.contiguous)
         self.steps = 0
         self.rho_sum: mx.array | float = 0.0
         self.read_sum: mx.array | float = 0.0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         keys, values = super().update_and_fetch(keys, values)
-        if self.summary is None:
-            self.summary = self.backend.build_summary(keys, values, self.cfg)
-        else:
+        if self.summary is not None:
             self.summary = self.backend.append(self.summary, keys, values, self.cfg)
+        elif not self.cfg.fitted:  # a fitted summary waits for the prefill's query rows (see decode)
+            self.summary = self.backend.build_summary(keys, values, self.cfg)
         return keys, values
 
     def trim(self, n: int) -> int:
         trimmed = super().trim(n)
         if trimmed:
-            self.summary = None  # rebuilt from the cache at the next update
+            self.summary = None  # rebuilt from the cache (and refitted from the rows that run next)
+            self.reference.clear()
         return trimmed
+
+    def observe(self, queries: mx.array) -> None:
+        """A multi-token forward's post-RoPE ``queries [B,Hq,L,d]``: kept (its last rows) while a
+        fitted summary waits for its reference queries; tokens appended to a summary are folded."""
+        if self.summary is None and self.cfg.fitted:
+            self.reference.add(queries, self.offset)
+            mx.async_eval(self.reference.rows)  # evaluated, the rows no longer hold the prefill's graph
 
     def decode(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
         """One decode step, ``queries [B,Hq,1,d]`` -> ``[B,Hq,1,dv]``."""
@@ -52,12 +64,14 @@ class TopKPhiKVCache(KVCache):
         if abs(expected - scale) > 1e-6 * scale:
             raise ValueError(f"the cache's summary uses scale {expected:g}, the model attends with {scale:g}: "
                              "pass scale= to make_cache")
+        if self.summary is None:  # the first step after a prefill fits the summary
+            fit_from = self.reference.take(queries[:, :, 0], self.offset)
+            self.summary = self.backend.build_summary(keys, values, self.cfg, queries=fit_from)
         out, stats = self.backend.decode(queries[:, :, 0], keys, values, self.summary, self.cfg)
         self.steps += 1
         self.rho_sum = self.rho_sum + stats.rho.astype(mx.float32).mean()
         self.read_sum = self.read_sum + stats.token_equivalents.astype(mx.float32).mean() / stats.n_tokens
         return out[:, :, None]
-
 
 
 def attention_scale(model) -> float | None:
@@ -103,6 +117,8 @@ def _routed(original):
             if hasattr(cache, "bits"):
                 raise ValueError("topkphi does not support quantized KV caches")
             return cache.decode(queries, keys, values, scale)
+        if isinstance(cache, TopKPhiKVCache) and queries.shape[2] > 1:
+            cache.observe(queries)
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
     return scaled_dot_product_attention
