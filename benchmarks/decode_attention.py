@@ -2,32 +2,43 @@
 
     python benchmarks/decode_attention.py            # on a CUDA GPU
     python benchmarks/decode_attention.py --n 4096 16384 --top-k 256 --reps 20
+    TRITON_INTERPRET=1 python benchmarks/decode_attention.py --n 600 --top-k 64 --reps 1   # CPU smoke run
 
 B=1, Hq=32, Hkv=8, d=128, bf16. The topkphi step is the whole thing: selection (exact scoring, or
 page bounds + the threshold select kernel) and the fused Triton decode, timed eagerly and as a replayed CUDA graph (how
-serving engines run decode steps). Bytes are what each method must read from HBM.
+serving engines run decode steps). Bytes are what each method must read from HBM. Without a GPU every
+number is host time of the interpreter (fp32, no graphs): a check that the code runs, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 import topkphi
 from topkphi.regions import Regions, n_selected_pages, page_span
+from topkphi.step import plan_step
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # the interpreter's 16-bit dots are unreliable
 
 
 def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
+    for _ in range(3 if DEVICE == "cuda" else 1):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        if DEVICE != "cuda":
+            start = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - start))
+            continue
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -38,7 +49,9 @@ def median_ms(fn, reps: int) -> float:
 
 
 def graphed(fn):
-    """Capture ``fn`` in a CUDA graph; return its replay (None if it cannot be captured)."""
+    """Capture ``fn`` in a CUDA graph; return its replay (None without a GPU or if it cannot be captured)."""
+    if DEVICE != "cuda":
+        return None
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -56,10 +69,14 @@ def graphed(fn):
 
 
 def hbm_copy_gbs() -> float:
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
+    x = torch.empty((2 * 1024**3 if DEVICE == "cuda" else 2**24) // 2, dtype=torch.bfloat16, device=DEVICE)
     y = torch.empty_like(x)
     ms = median_ms(lambda: y.copy_(x), 20)
     return 2 * x.numel() * 2 / ms / 1e6
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
 
 
 def step_bytes(cfg: topkphi.Config, n_tokens: int, n_kv: int, d: int, elem: int) -> int:
@@ -81,36 +98,31 @@ def graph_ms(fn, reps: int):
     return median_ms(replay, reps) if replay else None
 
 
-def page_stages(be, q, k, v, summary, cfg, reps: int):
-    """Per-stage page selection times in ms (graph replays unless named eager):
-    (topk step, threshold step eager, threshold step, bound + sub-block maxima, threshold select, attend,
-    elementwise bound, step without programmatic dependent launches).
-    "topk" is the previous path (bound, torch.topk, read-index kernel); "threshold" the default."""
-    from topkphi.backends.torch_ops import PhiTensors
-    from topkphi.backends.triton_select import SUB_BLOCK, page_bounds
+def timed_ms(fn, reps: int):
+    """A CUDA-graph replay on the GPU; host time of the interpreter elsewhere (so the smoke run calls fn)."""
+    return graph_ms(fn, reps) if DEVICE == "cuda" else median_ms(fn, reps)
 
-    step = functools.partial(be.decode, q, k, v, summary, cfg)
-    os.environ["TOPKPHI_PAGE_SELECT"] = "topk"  # read when the step is captured
-    topk_step = graph_ms(step, reps)
-    os.environ["TOPKPHI_PAGE_SELECT"] = "threshold"
+
+def page_stages(be, plain, q, k, v, summary, cfg, reps: int):
+    """Per-stage page selection times in ms (graph replays unless named eager): (step eager, step,
+    bound + sub-block maxima, threshold select, attend, elementwise bound, step with plain launches).
+    ``plain`` is the backend built with ``TritonTuning(chain_launches=False)``."""
+    from topkphi.triton.select import SUB_BLOCK, page_bounds
+
     d = q.shape[-1]
     tau = cfg.tau(d)
-    bound = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau, sub_block=SUB_BLOCK)
-    select = functools.partial(be.select, q, k, summary, cfg)
+    plan = plan_step(cfg, summary, k.shape[2], d, v.shape[-1])
+    step = functools.partial(be.decode, q, k, v, summary, cfg)
+    pages = summary.pages
+    bound = functools.partial(page_bounds, q, pages.kmin, pages.kmax, tau, sub_block=SUB_BLOCK)
+    select = functools.partial(be.read_set, q, k, summary, plan, cfg, tau)
     reads = select()
-    phi = None
-    fmap = cfg.feature_map_for(d)
-    if fmap is not None:
-        kind, norm_coef, w_q, b_q, w_k, b_k = be._map_tensors(fmap, q.device)
-        phi = PhiTensors(kind, norm_coef, w_q, b_q, w_k, b_k, summary.s, summary.z, summary.c_max, None)
-    attend = functools.partial(be.attend, q, k, v, reads, phi, tau)
-    bound_elem = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau, sub_block=SUB_BLOCK, use_dot=False)
-    out = (topk_step, median_ms(step, reps), graph_ms(step, reps), graph_ms(bound, reps), graph_ms(select, reps),
-           graph_ms(attend, reps), graph_ms(bound_elem, reps))
-    os.environ["TOPKPHI_PDL"] = "0"  # the same step with plain launches, in the same run
-    plain_step = graph_ms(step, reps)
-    del os.environ["TOPKPHI_PDL"], os.environ["TOPKPHI_PAGE_SELECT"]
-    return (*out, plain_step)
+    ops = be.estimator_ops(cfg) if plan.estimator is not None else None
+    attend = functools.partial(be.attend, q, k, v, reads, ops, summary, cfg, tau)
+    bound_elem = functools.partial(page_bounds, q, pages.kmin, pages.kmax, tau, sub_block=SUB_BLOCK, use_dot=False)
+    plain_step = functools.partial(plain.decode, q, k, v, summary, cfg)
+    return (median_ms(step, reps), timed_ms(step, reps), timed_ms(bound, reps), timed_ms(select, reps),
+            timed_ms(attend, reps), timed_ms(bound_elem, reps), timed_ms(plain_step, reps))
 
 
 def main() -> None:
@@ -121,17 +133,22 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--no-breakdown", action="store_true",
-                        help="skip the per-stage page-selection table (before/after, select vs attend)")
+                        help="skip the per-stage page-selection table (select vs attend, chained vs plain)")
     parser.add_argument("--ncu", action="store_true",
                         help="run each page step twice, untimed, for Nsight Compute (ncu -k regex:...)")
     args = parser.parse_args()
-    B, Hq, Hkv, d, elem = 1, 32, 8, 128, 2
+    B, Hq, Hkv, d, elem = 1, 32, 8, 128, DTYPE.itemsize
     be = topkphi.get_backend(args.backend)
+    triton = args.backend == "triton"
+    if triton:
+        from topkphi.backends.triton_backend import TritonTuning
+
+        plain = topkphi.get_backend("triton", tuning=TritonTuning(chain_launches=False))
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     if args.ncu:
-        gen = torch.Generator(device="cuda").manual_seed(0)
         for n in args.n:
-            k, v = (torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
-            q = torch.randn(B, Hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k, v = (torch.randn(B, Hkv, n, d, device=DEVICE, dtype=DTYPE, generator=gen) for _ in range(2))
+            q = torch.randn(B, Hq, d, device=DEVICE, dtype=DTYPE, generator=gen)
             for top_k in args.top_k:
                 cfg = topkphi.Config(n_sink=4, n_tail=64, top_k=top_k, selection="page", page_size=16,
                                      feature_map="prf", n_features=64)
@@ -141,15 +158,14 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     copy_gbs = hbm_copy_gbs()
-    print(f"{torch.cuda.get_device_name()}  HBM copy {copy_gbs:.0f} GB/s  backend {args.backend}", flush=True)
+    print(f"{device_name()}  HBM copy {copy_gbs:.0f} GB/s  backend {args.backend}", flush=True)
     header = (f"{'N':>7s} {'method':>12s} {'sel':>5s} {'top_k':>5s} {'eager ms':>9s} {'graph ms':>9s} "
               f"{'MB read':>8s} {'GB/s':>6s} {'x dense':>7s}")
     rows, stages = [], []
-    gen = torch.Generator(device="cuda").manual_seed(0)
     for n in args.n:
-        k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        q = torch.randn(B, Hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(B, Hkv, n, d, device=DEVICE, dtype=DTYPE, generator=gen)
+        v = torch.randn(B, Hkv, n, d, device=DEVICE, dtype=DTYPE, generator=gen)
+        q = torch.randn(B, Hq, d, device=DEVICE, dtype=DTYPE, generator=gen)
         dense = functools.partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=True)
         dense_ms = median_ms(dense, args.reps)
         dense_bytes = 2 * B * Hkv * n * d * elem
@@ -164,14 +180,17 @@ def main() -> None:
                     summary = be.build_summary(k, v, cfg)
                     step = functools.partial(be.decode, q, k, v, summary, cfg)
                     eager = median_ms(step, args.reps)
+                    if triton:  # which primitives ran kernels, and why the others took torch
+                        print(f"  path: {be.last_path}", flush=True)
                     replay = graphed(step)
                     graph = median_ms(replay, args.reps) if replay else None
                     best = min(eager, graph) if graph else eager
                     nbytes = step_bytes(cfg, n, Hkv, d, elem)
                     method = "topk+phi" if feature_map else "topk only"
                     rows.append((n, method, selection, top_k, eager, graph, nbytes, dense_ms))
-                    if selection == "page" and args.backend == "triton" and not args.no_breakdown:
-                        stages.append((n, method, top_k, dense_ms, *page_stages(be, q, k, v, summary, cfg, args.reps)))
+                    if selection == "page" and triton and not args.no_breakdown:
+                        stages.append((n, method, top_k, dense_ms,
+                                       *page_stages(be, plain, q, k, v, summary, cfg, args.reps)))
                     print(f"{n:>7d} {method:>12s} {selection:>5s} {top_k:>5d} {eager:9.4f} "
                           f"{'-' if graph is None else f'{graph:9.4f}':>9s} {nbytes / 1e6:8.2f} "
                           f"{nbytes / best / 1e6:6.0f} {dense_ms / best:7.2f}", flush=True)
@@ -182,19 +201,19 @@ def main() -> None:
               f"{'-' if graph is None else f'{graph:9.4f}':>9s} {nbytes / 1e6:8.2f} {nbytes / best / 1e6:6.0f} "
               f"{dense_ms / best:7.2f}")
     if stages:
-        print("\npage selection per stage, us (g = CUDA-graph replay, e = eager); topk = bound + torch.topk + "
-              "read-index kernel, thr = bound with sub-block maxima + threshold select kernel (default)")
-        print(f"{'N':>7s} {'method':>10s} {'top_k':>5s} {'dense':>7s} {'topk g':>7s} {'thr e':>7s} {'thr g':>7s} "
+        print("\npage selection per stage, us (g = CUDA-graph replay, e = eager); step = bound with sub-block "
+              "maxima + threshold select kernel + fused decode")
+        print(f"{'N':>7s} {'method':>10s} {'top_k':>5s} {'dense':>7s} {'step e':>7s} {'step g':>7s} "
               f"{'bound g':>7s} {'select g':>8s} {'attend g':>8s} {'x dense':>7s} {'bnd elem':>8s} {'no pdl':>7s}")
         for n, method, top_k, dense_ms, *t in stages:
             f = lambda x: "-" if x is None else f"{1000 * x:.1f}"  # noqa: E731
-            best = min(x for x in (t[1], t[2]) if x is not None)
+            best = min(x for x in (t[0], t[1]) if x is not None)
             print(f"{n:>7d} {method:>10s} {top_k:>5d} {1000 * dense_ms:7.1f} {f(t[0]):>7s} {f(t[1]):>7s} "
-                  f"{f(t[2]):>7s} {f(t[3]):>7s} {f(t[4]):>8s} {f(t[5]):>8s} {dense_ms / best:7.2f} "
-                  f"{f(t[6]):>8s} {f(t[7]):>7s}")
+                  f"{f(t[2]):>7s} {f(t[3]):>8s} {f(t[4]):>8s} {dense_ms / best:7.2f} {f(t[5]):>8s} {f(t[6]):>7s}")
         print("bound = tensor-core bound (default for 16-bit caches), bnd elem = the elementwise fp32 bound; "
-              "no pdl = the default step with plain launches (TOPKPHI_PDL=0), thr g chains them")
-    print(f"HBM copy {copy_gbs:.0f} GB/s; ms are medians of {args.reps} CUDA-event timings after warm-up")
+              "no pdl = the step with plain launches (TritonTuning(chain_launches=False)), step g chains them")
+    print(f"HBM copy {copy_gbs:.0f} GB/s; ms are medians of {args.reps} timings after warm-up "
+          f"({'CUDA events' if DEVICE == 'cuda' else 'host time'})")
     print("command: python " + " ".join(sys.argv))
 
 

@@ -3,12 +3,14 @@
 # selection only), cli-tests (inspect-heads and the chat engine on the GPU), variants (benchmarks/select_variants.py), step
 # (benchmarks/decode_attention.py, page selection), step-long (the same at 128k and 512k only), kernel
 # (benchmarks/kernel_decode.py at 2k-8k read tokens), kernel-2k (at 2116 read tokens), kernel-tests (the decode
-# kernel and backend parity tests), ncu (Nsight Compute on the 128k step's kernels). Logs go to $OUT.
+# kernel and backend parity tests), ncu (Nsight Compute on the 128k step's kernels), smoke (every benchmark at a
+# tiny size, a check that it runs). Logs go to $OUT. Kernel errors raise (the backend never falls back silently;
+# the step benchmarks print the path each primitive took, `path: TritonPath(select=..., attend=...)`).
 #   bash benchmarks/gpu_check.sh "tests step"        # default: tests step
 set -o pipefail
 OUT=${OUT:-/tmp/topkphi-gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOPKPHI_STRICT=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 what=" ${1:-tests step} "
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } \
@@ -46,6 +48,12 @@ if [[ $what == *" ncu "* ]]; then  # the step's kernels at 128k, top_k 2048, wit
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     python3 benchmarks/decode_attention.py --ncu --n 131072 --top-k 2048 2>&1 | tail -600 > "$OUT/ncu.log"
   grep -E "^  [a-z_]+kernel|Duration|Registers Per|Eligible Warps|Executed Ipc Active" "$OUT/ncu.log"
+fi
+if [[ $what == *" smoke "* ]]; then
+  { timeout 120 python3 benchmarks/kernel_decode.py --ns 4096 --ks 256 --reps 5 \
+    && timeout 120 python3 benchmarks/decode_attention.py --n 4096 --top-k 256 --reps 5 \
+    && timeout 120 python3 benchmarks/select_variants.py --n 8192 --top-k 256 --reps 5; } 2>&1 | tail -40 \
+    | tee "$OUT/smoke.log"
 fi
 if [[ $what == *" kernel-2k "* ]]; then
   timeout 200 python3 benchmarks/kernel_decode.py --ns 131072 --ks 2048 --out "$OUT" 2>&1 | tee "$OUT/kernel_decode.log"

@@ -4,8 +4,10 @@ B=1, Hq=32, Hkv=8, d=128, bf16; read set = 4 sink + 64 tail + K retrieved mid to
 (pages of 16 consecutive positions, as page selection gives); PRF phi with m=64.
 Checks against a float32 torch reference on the GPU, then times each variant with CUDA events
 (median, L2 flushed before each call): eager launches and CUDA-graph replays; prints a table last.
+Register counts come from recording the launcher's compiled kernels here, not from the product.
 
     python benchmarks/kernel_decode.py [--out DIR]
+    TRITON_INTERPRET=1 python benchmarks/kernel_decode.py --ns 600 --ks 64 --reps 1   # CPU smoke run (fp32)
 """
 
 from __future__ import annotations
@@ -24,15 +26,50 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from topkphi.backends.triton_launch import LAST_KERNELS, PhiInputs, fused_decode  # noqa: E402
+import topkphi.triton.decode as decode_launcher  # noqa: E402
+from topkphi.triton.decode import FeatureMapInputs, fused_decode  # noqa: E402
 
 B, HQ, HKV, D, M, P = 1, 32, 8, 128, 64, 16
 N_SINK, N_TAIL = 4, 64
-DT = torch.bfloat16
-dev = "cuda"
+dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1, a check that it runs
+DT = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter's 16-bit dots are unreliable
+
+
+class LaunchRecorder:
+    """Stands in for a JIT kernel in the launcher's module and keeps what each launch compiled."""
+
+    def __init__(self, kernel):
+        self.kernel, self.compiled = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.compiled.append(self.kernel[grid](*args, **kwargs))
+            return self.compiled[-1]
+
+        return launch
+
+
+def registers_and_spills(fn) -> list[tuple[int, int]] | None:
+    """(registers, spills) of the kernels one call of ``fn`` launches; None where Triton does not say."""
+    kernels = {name: getattr(decode_launcher, name) for name in ("decode_kernel", "merge_kernel")}
+    recorders = {name: LaunchRecorder(kernel) for name, kernel in kernels.items()}
+    for name, recorder in recorders.items():
+        setattr(decode_launcher, name, recorder)
+    try:
+        fn()
+    finally:
+        for name, kernel in kernels.items():
+            setattr(decode_launcher, name, kernel)
+    compiled = [c for name in kernels for c in recorders[name].compiled]
+    try:
+        return [(c.n_regs, c.n_spills) for c in compiled]
+    except AttributeError:  # the interpreter compiles nothing
+        return None
 
 
 def hbm_copy_bandwidth() -> float:
+    if dev != "cuda":
+        return float("nan")
     x = torch.empty(2**30, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
     t = do_bench(functools.partial(y.copy_, x), warmup=50, rep=400, return_mode="median")
@@ -66,9 +103,8 @@ def make_inputs(N: int, K: int, gen: torch.Generator):
         e = torch.exp(lk - c[0, g])
         S[0, g], z[0, g] = e.T @ v[0, g, N_SINK : N - N_TAIL].float(), e.sum(0)
         del km, lk, e
-    n_anchor = torch.full((B, HKV), N_SINK + N_TAIL, dtype=torch.int32, device=dev)
     # w_k in the cache dtype halves its reads (the kernel runs l_k in bf16 either way)
-    phi = PhiInputs(omega, bias, omega.to(DT), bias.clone(), 1.0, S, z, c, n_anchor)
+    phi = FeatureMapInputs(omega, bias, omega.to(DT), bias.clone(), 1.0, S, z, c, N_SINK + N_TAIL)
     return q, k, v, idx, n_read, phi
 
 
@@ -119,6 +155,13 @@ def time_events(fn, reps=60):
     so this is device time (kernels + the gaps between them), not Python launch overhead.
     """
     global _FLUSH
+    if dev != "cuda":  # host time of the interpreter
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - start))
+        return sorted(times)[reps // 2]
     if _FLUSH is None:
         _FLUSH = torch.empty(2**28, dtype=torch.int32, device=dev)
     for _ in range(3):
@@ -135,6 +178,8 @@ def time_events(fn, reps=60):
 
 def time_graph(fn, reps=60):
     """As time_events, replaying fn captured in a CUDA graph (how a serving loop runs a decode step)."""
+    if dev != "cuda":
+        return float("nan")
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -145,12 +190,13 @@ def time_graph(fn, reps=60):
 
 def time_host(fn, reps=50):
     """Host-side microseconds per eager call (launcher + Triton launch), GPU not waited for."""
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
     t1 = time.perf_counter()
-    torch.cuda.synchronize()
+    sync()
     return (t1 - t0) / reps * 1e6
 
 
@@ -160,7 +206,7 @@ def profile_kernels(q, k, v, idx, n_read, phi, scale, log):
 
     time_events(lambda: None, reps=3)  # allocates the flush buffer
     for use_phi in (True, False):
-        fn = functools.partial(fused_decode, q, k, v, idx, n_read, scale=scale, phi=phi if use_phi else None)
+        fn = functools.partial(fused_decode, q, k, v, idx, n_read, scale=scale, feature_map=phi if use_phi else None)
         fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -183,22 +229,23 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--ns", default="32768,131072,524288")
     ap.add_argument("--ks", default="256,1024,2048")
+    ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--ncu", action="store_true", help="two calls only (phi on, off), for Nsight Compute")
     args = ap.parse_args()
     if args.ncu:
         q, k, v, idx, n_read, phi = make_inputs(131072, 2048, torch.Generator(device=dev).manual_seed(0))
         for ph in (phi, None):
-            fused_decode(q, k, v, idx, n_read, scale=D**-0.5, phi=ph)
+            fused_decode(q, k, v, idx, n_read, scale=D**-0.5, feature_map=ph)
         torch.cuda.synchronize()
         return
     log = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (Triton interpreter)",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "rows": [],
     }
-    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
     bw = hbm_copy_bandwidth()
     log["hbm_copy_GBps"] = bw / 1e9
     print(
@@ -214,8 +261,9 @@ def main():
         dict(block_n=16, split=16, num_warps=2),
         dict(block_n=64, split=1 << 20, num_warps=4),  # one program per KV head, no merge
     ]
-    configs += [dict(stream_wk=True), dict(stream_wk=True, num_warps=8), dict(stream_wk=True, block_n=32, split=64)]
     configs += [dict(phi_dot16=False), dict(phi_dot16=False, block_n=64, split=256)]  # w = f . f_k in tf32
+    if dev != "cuda":  # the interpreter: the default and two tilings are enough to show it runs
+        configs = configs[:2]
     table = []
     for N in [int(x) for x in args.ns.split(",")]:
         t_sdpa = None
@@ -223,38 +271,37 @@ def main():
             q, k, v, idx, n_read, phi = make_inputs(N, K, gen)
             if t_sdpa is None:
                 t_sdpa = time_events(
-                    functools.partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=True)
+                    functools.partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=True), args.reps
                 )
             R = idx.shape[-1]
             for use_phi in (True, False):
                 ph = phi if use_phi else None
                 ref_out, ref_rho = reference(q, k, v, idx, ph, scale)
-                out, rho = fused_decode(q, k, v, idx, n_read, scale=scale, phi=ph)
-                torch.cuda.synchronize()
+                out, rho, _ = fused_decode(q, k, v, idx, n_read, scale=scale, feature_map=ph)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
                 err = rel_err(out, ref_out)
                 rho_err = (rho - ref_rho).abs().max().item()
                 assert torch.isfinite(out).all() and err <= 2e-2 and rho_err <= 2e-2, (N, K, use_phi, err, rho_err)
                 kv_bytes = B * HKV * R * 2 * D * 2
                 extra = idx.numel() * 4 + n_read.numel() * 4 + q.numel() * 2 + B * HQ * D * 2
                 if use_phi:
-                    state = (phi.s, phi.z, phi.c_max, phi.n_anchor, phi.w_q, phi.b_q, phi.w_k, phi.b_k)
+                    state = (phi.s, phi.z, phi.c_max, phi.w_q, phi.b_q, phi.w_k, phi.b_k)
                     extra += sum(t.numel() * t.element_size() for t in state) + B * HQ * 4
                 nbytes = kv_bytes + extra
                 times, regs = {}, {}
                 for cfg in [None] + configs:
                     kw = {} if cfg is None else cfg
-                    fn = functools.partial(fused_decode, q, k, v, idx, n_read, scale=scale, phi=ph, **kw)
-                    o2, _ = fn()
+                    fn = functools.partial(fused_decode, q, k, v, idx, n_read, scale=scale, feature_map=ph, **kw)
+                    o2 = fn()[0]
                     key = json.dumps(cfg)
                     if rel_err(o2, ref_out) > 2e-2:
                         times[key] = (float("nan"),) * 2
                         continue
-                    try:
-                        regs[key] = [(kk.n_regs, kk.n_spills) for kk in LAST_KERNELS]
-                    except AttributeError:
-                        pass
-                    times[key] = (time_events(fn), time_graph(fn))
-                host_us = time_host(functools.partial(fused_decode, q, k, v, idx, n_read, scale=scale, phi=ph))
+                    regs[key] = registers_and_spills(fn)
+                    times[key] = (time_events(fn, args.reps), time_graph(fn, args.reps))
+                host_us = time_host(functools.partial(fused_decode, q, k, v, idx, n_read, scale=scale, feature_map=ph),
+                                    50 if dev == "cuda" else args.reps)
                 t_def, g_def = times["null"]
                 best_cfg, (_, g_best) = min(((c, t) for c, t in times.items() if c != "null"), key=lambda x: x[1][1])
                 row = dict(
@@ -279,7 +326,7 @@ def main():
                 print(json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "all"}), flush=True)
                 if use_phi:
                     print("  graph us: " + ", ".join(f"{c} {1e3 * t[1]:.1f}" for c, t in times.items()), flush=True)
-            if N == 131072 and K == 2048:
+            if N == 131072 and K == 2048 and dev == "cuda":
                 profile_kernels(q, k, v, idx, n_read, phi, scale, log)
             del q, k, v, idx, phi
             torch.cuda.empty_cache()

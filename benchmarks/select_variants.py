@@ -1,9 +1,11 @@
 """Variants of the page-selection kernels on the GPU: the bound kernel's form (elementwise fp32 or two
 tensor-core products), tile and warps, and the threshold kernel's warps. Bound variants report their largest
 difference from the elementwise bound (scaled by its largest value) and check their sub-block maxima;
-selections are checked against the torch.topk path (same read index). Timed as CUDA-graph replays.
+selections are checked against the torch backend's page selection (the same read index), which is timed
+too. Timed as CUDA-graph replays.
 
     python benchmarks/select_variants.py [--n 131072 524288] [--top-k 256 2048] [--all-bounds]
+    TRITON_INTERPRET=1 python benchmarks/select_variants.py --n 3000 --top-k 64 --reps 1   # CPU smoke run
 
 B=1, Hq=32, Hkv=8, d=128, bf16, page size 16, sink 4 + tail 64 (Llama-3-8B decode shapes).
 """
@@ -17,11 +19,12 @@ import sys
 import torch
 
 import topkphi
-from topkphi.backends.triton_select import SUB_BLOCK, page_bounds, page_read_set
-from topkphi.regions import Regions, n_selected_pages
+from topkphi.backends.torch_backend import TorchBackend
+from topkphi.step import plan_step
+from topkphi.triton.select import SUB_BLOCK, page_bounds, page_read_set
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from decode_attention import graph_ms, hbm_copy_gbs  # noqa: E402
+from decode_attention import DEVICE, DTYPE, device_name, hbm_copy_gbs, timed_ms  # noqa: E402
 
 
 def main() -> None:
@@ -33,18 +36,19 @@ def main() -> None:
     args = parser.parse_args()
     B, Hq, Hkv, d, page = 1, 32, 8, 128, 16
     copy = hbm_copy_gbs()
-    print(f"{torch.cuda.get_device_name()}  HBM copy {copy:.0f} GB/s")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    be = topkphi.get_backend("triton")
+    print(f"{device_name()}  HBM copy {copy:.0f} GB/s")
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    twin = TorchBackend()
     rows = []
     for n in args.n:
-        k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        q = torch.randn(B, Hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(B, Hkv, n, d, device=DEVICE, dtype=DTYPE, generator=gen)
+        q = torch.randn(B, Hq, d, device=DEVICE, dtype=DTYPE, generator=gen)
         cfg = topkphi.Config(n_sink=4, n_tail=64, top_k=256, selection="page", page_size=page, feature_map=None)
-        summary = be.build_summary(k, k, cfg)
+        summary = twin.build_summary(k, k, cfg)
         tau = cfg.tau(d)
-        meta_bytes = 2 * summary.kmin.numel() * 2
-        ref_u = page_bounds(q, summary.kmin, summary.kmax, tau, sub_block=SUB_BLOCK, use_dot=False)
+        kmin, kmax = summary.pages.kmin, summary.pages.kmax
+        meta_bytes = 2 * kmin.numel() * kmin.element_size()
+        ref_u = page_bounds(q, kmin, kmax, tau, sub_block=SUB_BLOCK, use_dot=False)
         # (block_p, warps, blocks per program, stages, tensor-core form); the elementwise default first
         # (None: the default tiling of that form, bound_tiling)
         variants = [(None, None, None, None, False), (None, None, None, None, True)]
@@ -52,7 +56,7 @@ def main() -> None:
             variants += [(bp, w, 1, 1, True) for bp in (64, 128) for w in (4, 8)]
             variants += [(bp, 4, per, 2, True) for bp in (64, 128) for per in (2, 4)]
         for block_p, warps, per, stages, use_dot in variants:
-            fn = functools.partial(page_bounds, q, summary.kmin, summary.kmax, tau, block_p=block_p,
+            fn = functools.partial(page_bounds, q, kmin, kmax, tau, block_p=block_p,
                                    sub_block=SUB_BLOCK, num_warps=warps, blocks_per_program=per, num_stages=stages,
                                    use_dot=use_dot)
             try:
@@ -66,25 +70,25 @@ def main() -> None:
             padded = u.new_full((*u.shape[:2], n_sb * SUB_BLOCK), float("-inf"))
             padded[..., : u.shape[-1]] = u
             same_bm = torch.equal(bm[..., :n_sb], padded.view(*u.shape[:2], n_sb, SUB_BLOCK).amax(-1))
-            ms = graph_ms(fn, args.reps)
+            ms = timed_ms(fn, args.reps)
             form = "dot" if use_dot else "elem"
             tiling = "default" if block_p is None else f"bp={block_p} w={warps} per={per} st={stages}"
             rows.append((n, "bound", f"{form} {tiling} d={diff:.0e} bm={same_bm}",
                          ms, meta_bytes / ms / 1e6))
             print(rows[-1], flush=True)
-        regions = Regions.of(n, 4, 64)
         for top_k in args.top_k:
-            n_take = n_selected_pages(top_k, page, summary.n_pages)
-            ref = page_read_set(q, summary, tau, n_take, page, regions, selector="topk")
+            case = cfg.replace(top_k=top_k)
+            plan = plan_step(case, summary, n, d, d)
+            ref = twin.read_set(q, k, summary, plan, case, tau)
             for warps in (4, 8, 16):
-                fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions,
-                                       selector="threshold", select_warps=warps)
+                fn = functools.partial(page_read_set, q, summary.pages, summary.first_page, tau, plan.n_take, page,
+                                       plan.regions, select_warps=warps)
                 same = torch.equal(fn().idx, ref.idx)
-                ms = graph_ms(fn, args.reps)
-                rows.append((n, f"select K={top_k}", f"threshold warps={warps} same={same}", ms, None))
+                rows.append((n, f"select K={top_k}", f"threshold warps={warps} same={same}", timed_ms(fn, args.reps),
+                             None))
                 print(rows[-1], flush=True)
-            fn = functools.partial(page_read_set, q, summary, tau, n_take, page, regions, selector="topk")
-            rows.append((n, f"select K={top_k}", "torch.topk path", graph_ms(fn, args.reps), None))
+            fn = functools.partial(twin.read_set, q, k, summary, plan, case, tau)
+            rows.append((n, f"select K={top_k}", "torch backend (topk_ascending)", timed_ms(fn, args.reps), None))
     print(f"\n{'N':>7s} {'stage':>14s} {'variant':>52s} {'us':>7s} {'GB/s':>6s}")
     for n, stage, variant, ms, gbs in rows:
         print(f"{n:>7d} {stage:>14s} {variant:>52s} {1000 * ms:7.1f} {'-' if gbs is None else f'{gbs:6.0f}':>6s}")

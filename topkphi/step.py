@@ -80,22 +80,47 @@ def plan_step(cfg: Config, summary: Summary, n_tokens: int, d: int, dv: int) -> 
                     selection_reads(cfg, n_mid, d, dv))
 
 
-@dataclass
 class DecodeStats:
     """Diagnostics of one decode step; arrays are the backend's own type.
 
     ``selected [B,Hkv,T]`` holds the retrieved mid positions (ascending, -1 padded where a KV
     head retrieved fewer); ``rho [B,Hq]`` is the estimated unretrieved mass fraction; ``lse
     [B,Hq]`` the log of the step's (exact + estimated) softmax normalizer; reads are per KV head.
+    The read counts are computed when first asked for: a step replayed in a CUDA graph launches
+    no work for statistics nobody reads.
     """
 
-    rho: Any  # [B, Hq]
-    selected: Any  # [B, Hkv, T]
-    n_selected: Any  # [B, Hkv]
-    tokens_read: Any  # [B, Hkv] keys+values read exactly (sink + tail + retrieved)
-    token_equivalents: Any  # [B, Hkv] exact + estimator + selection reads (SPEC 6, 9)
-    n_tokens: int  # context length N
-    lse: Any = None  # [B, Hq]
+    def __init__(self, plan: StepPlan, reads: ReadSet, rho: Any, lse: Any = None) -> None:
+        self.plan, self.reads, self.rho, self.lse = plan, reads, rho, lse
+
+    @property
+    def n_tokens(self) -> int:
+        """Context length N."""
+        return self.plan.regions.n_tokens
+
+    @property
+    def selected(self) -> Any:
+        return self.reads.selected
+
+    @property
+    def n_selected(self) -> Any:
+        return self.reads.n_selected
+
+    @property
+    def tokens_read(self) -> Any:
+        """``[B, Hkv]`` keys+values read exactly (sink + tail + retrieved)."""
+        return self.reads.n_read
+
+    @property
+    def token_equivalents(self) -> Any:
+        """``[B, Hkv]`` exact + estimator + selection reads (SPEC 6, 9); a head is completed by the
+        estimator where its ``T`` leaves part of mid unread."""
+        plan, n_selected = self.plan, self.reads.n_selected
+        total = self.reads.n_read * 1.0 + plan.selection_reads
+        if plan.estimator is not None:
+            completes = n_selected < plan.regions.n_mid
+            total = total + completes * (plan.summary_reads + plan.label_reads * n_selected)
+        return total
 
     def read_fraction(self) -> float:
         """Mean token-equivalents read per KV head as a fraction of the context."""
@@ -103,16 +128,8 @@ class DecodeStats:
 
 
 def step_stats(plan: StepPlan, reads: ReadSet, rho: Any, lse: Any) -> DecodeStats:
-    """Reads per KV head (SPEC 6, 9), written once with the arrays' own operators.
-
-    A head is completed by the estimator where its ``T`` leaves part of mid unread."""
-    n_read = reads.n_read
-    token_equivalents = n_read * 1.0 + plan.selection_reads
-    if plan.estimator is not None:
-        completes = reads.n_selected < plan.regions.n_mid
-        token_equivalents = token_equivalents + completes * (plan.summary_reads + plan.label_reads * reads.n_selected)
-    return DecodeStats(rho=rho, selected=reads.selected, n_selected=reads.n_selected, tokens_read=n_read,
-                       token_equivalents=token_equivalents, n_tokens=plan.regions.n_tokens, lse=lse)
+    """The step's statistics (SPEC 6, 9), their read counts written once in ``DecodeStats``."""
+    return DecodeStats(plan, reads, rho, lse)
 
 
 def _mean(x: Any) -> float:

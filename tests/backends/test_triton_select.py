@@ -17,17 +17,24 @@ pytest.importorskip("triton", reason="the triton backend needs triton (pip insta
 import topkphi  # noqa: E402
 from tests.cases import random_case, rel_err  # noqa: E402
 from topkphi.backends.torch_backend import TorchBackend  # noqa: E402
-from topkphi.backends.triton_backend import TritonBackend  # noqa: E402
-from topkphi.backends.triton_select import PageReadSet, page_bounds  # noqa: E402
+from topkphi.backends.triton_backend import TRITON, TritonBackend, TritonPath, TritonTuning, triton_path  # noqa: E402
+from topkphi.step import plan_step  # noqa: E402
+from topkphi.triton.select import KernelReadSet, page_bounds, page_read_set  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ORACLE = topkphi.get_backend("numpy")
 TORCH = TorchBackend()
+gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 
 
 def as64(x) -> np.ndarray:
     return x.to(torch.float64).cpu().numpy()
+
+
+def step_inputs(q, k, summary, cfg):
+    """``(plan, tau)`` of a decode step, as the skeleton makes them."""
+    return plan_step(cfg, summary, k.shape[2], q.shape[-1], k.shape[-1]), cfg.tau(q.shape[-1])
 
 
 def bound_ref(q, kmin, kmax, tau):
@@ -93,15 +100,18 @@ def _margin(q64, kmin, kmax, tau, n_take) -> float:
     return float(np.min((ranked[..., n_take - 1] - ranked[..., n_take]) / np.abs(ranked).max()))
 
 
-def _check_read_set(reads: PageReadSet, sel, n_sel, n_anchor_pos):
-    idx = reads.idx.cpu().numpy()
-    assert reads.idx.dtype == torch.int64
-    for b, g in np.ndindex(idx.shape[:2]):
-        np.testing.assert_array_equal(idx[b, g, : len(n_anchor_pos)], n_anchor_pos)
-        t = idx[b, g, len(n_anchor_pos) :]
-        n = int(n_sel[b, g])
-        assert np.all(np.diff(t[:n]) > 0) and np.all(t[:n] >= 0) and np.all(t[n:] == -1)
-        np.testing.assert_array_equal(t[:n], sel[b, g][sel[b, g] >= 0])
+def assert_same_selection(ours, n_selected, ref_selected):
+    """``T`` per KV head equals the oracle's (the kernel pads its rows to ``n_take * P`` with -1)."""
+    for b, g in np.ndindex(ours.shape[:2]):
+        n = int(n_selected[b, g])
+        np.testing.assert_array_equal(ours[b, g, :n], ref_selected[b, g][ref_selected[b, g] >= 0])
+        assert np.all(ours[b, g, n:] == -1)
+
+
+def _same_read_set(ours, twin):
+    assert torch.equal(ours.idx, twin.idx) and torch.equal(ours.n_selected, twin.n_selected)
+    assert ours.n_anchor == twin.n_anchor and torch.equal(ours.n_read, twin.n_read)
+    assert torch.equal(ours.n_read32.long(), twin.n_read) and torch.equal(ours.n_read, ours.n_selected + ours.n_anchor)
 
 
 @pytest.mark.parametrize("seed,shape,batch,feature_map,dtype", _selection_cases())
@@ -109,37 +119,28 @@ def test_page_selection_equals_oracle(seed, shape, batch, feature_map, dtype):
     n_tokens, n_kv, group, d, page, n_sink, n_tail, top_k = shape
     case = random_case(seed, batch=batch, n_kv=n_kv, group=group, n_tokens=n_tokens, d=d, feature_map=feature_map,
                        selection="page", page_size=page, n_sink=n_sink, n_tail=n_tail, top_k=top_k)
-    tdt = DTYPES[dtype]
-    q, k, v = (torch.from_numpy(x).to(DEVICE, tdt) for x in (case.q, case.k, case.v))
+    q, k, v = (torch.from_numpy(x).to(DEVICE, DTYPES[dtype]) for x in (case.q, case.k, case.v))
     be = TritonBackend()
     summary = be.build_summary(k, v, case.cfg)
-    n_take = max(1, top_k // page)
-    assert n_take < summary.n_pages
+    plan, tau = step_inputs(q, k, summary, case.cfg)
+    assert plan.selection == "page" and plan.n_take < summary.n_pages
     rounded = [as64(x) for x in (q, k, v)]
     o_sum = ORACLE.build_summary(rounded[1], rounded[2], case.cfg)
-    if _margin(rounded[0], o_sum.kmin, o_sum.kmax, case.cfg.tau(d), n_take) < 1e-5:
+    if _margin(rounded[0], o_sum.pages.kmin, o_sum.pages.kmax, tau, plan.n_take) < 1e-5:
         pytest.skip("bounds at the cut too close to compare selections across precisions")
     out, stats = be.decode(q, k, v, summary, case.cfg)
+    assert be.last_path == triton_path(q, k, v, summary, case.cfg) and be.last_path.select == TRITON
     _, ref = ORACLE.decode(*rounded, o_sum, case.cfg)
-    selected = stats.selected.cpu().numpy()
-    for b, g in np.ndindex(selected.shape[:2]):
-        ours = selected[b, g]
-        n = int(stats.n_selected[b, g])
-        np.testing.assert_array_equal(ours[:n], ref.selected[b, g][ref.selected[b, g] >= 0])
-        assert np.all(ours[n:] == -1)
+    assert_same_selection(stats.selected.cpu().numpy(), stats.n_selected.cpu().numpy(), ref.selected)
     np.testing.assert_array_equal(stats.n_selected.cpu().numpy(), ref.n_selected)
     np.testing.assert_array_equal(stats.tokens_read.cpu().numpy(), ref.tokens_read)
     np.testing.assert_allclose(stats.token_equivalents.cpu().numpy(), ref.token_equivalents, rtol=1e-6)
-    assert torch.isfinite(out).all() and be.fast_select  # the Triton path ran, no fallback
+    assert torch.isfinite(out).all()
 
-    # the same read index as the torch twin, anchors first
-    reads = be.select(q, k, summary, case.cfg)
-    assert isinstance(reads, PageReadSet)
-    twin = TORCH.select(q, k, summary, case.cfg)
-    assert torch.equal(reads.idx, twin.idx) and torch.equal(reads.n_read, twin.n_read)
-    assert torch.equal(reads.n_selected, twin.n_selected) and reads.n_anchor == twin.n_anchor
-    anchors = np.r_[np.arange(n_sink), np.arange(n_tokens - n_tail, n_tokens)]
-    _check_read_set(reads, ref.selected, ref.n_selected, anchors)
+    # the same read set as the torch twin, anchors first
+    reads = be.read_set(q, k, summary, plan, case.cfg, tau)
+    assert isinstance(reads, KernelReadSet)
+    _same_read_set(reads, TORCH.read_set(q, k, summary, plan, case.cfg, tau))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -164,109 +165,30 @@ def test_ties_at_the_cut_go_to_the_smaller_page(mode, dtype):
                 k[:, :, 4 + 4 * p + 1] = hot
     v = rng.standard_normal((batch, n_kv, n_tokens, d))
     cfg = topkphi.Config(n_sink=4, n_tail=8, top_k=7 * page, selection="page", page_size=page, feature_map=None)
-    tdt = DTYPES[dtype]
-    tq, tk, tv = (torch.from_numpy(x).to(DEVICE, tdt) for x in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(x).to(DEVICE, DTYPES[dtype]) for x in (q, k, v))
     be = TritonBackend()
     summary = be.build_summary(tk, tv, cfg)
     _, stats = be.decode(tq, tk, tv, summary, cfg)
     _, ref = ORACLE.decode(q, k, v, ORACLE.build_summary(k, v, cfg), cfg)
     ours = stats.selected.cpu().numpy()
-    for b, g in np.ndindex(ours.shape[:2]):
-        np.testing.assert_array_equal(ours[b, g], ref.selected[b, g])
-    twin = TORCH.select(tq, tk, summary, cfg)
-    assert torch.equal(be.select(tq, tk, summary, cfg).idx, twin.idx)
+    assert_same_selection(ours, stats.n_selected.cpu().numpy(), ref.selected)
+    plan, tau = step_inputs(tq, tk, summary, cfg)
+    _same_read_set(be.read_set(tq, tk, summary, plan, cfg, tau), TORCH.read_set(tq, tk, summary, plan, cfg, tau))
     if mode == "all-equal":
         np.testing.assert_array_equal(ours[0, 0], np.arange(4, 4 + 7 * page))
 
 
-def test_covering_budget_and_exact_selection_take_the_torch_path():
+def test_covering_budget_and_exact_selection_say_why_torch_selects():
     case = random_case(3, n_tokens=120, top_k=4096, selection="page", page_size=8, feature_map=None)
     q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in (case.q, case.k, case.v))
     be = TritonBackend()
     summary = be.build_summary(k, v, case.cfg)
-    reads = be.select(q, k, summary, case.cfg)
-    assert not isinstance(reads, PageReadSet) and reads.covers_mid
     _, stats = be.decode(q, k, v, summary, case.cfg)
+    assert be.last_path.select.startswith("torch: the budget covers mid") and be.last_path.attend == TRITON
     assert int(stats.n_selected.min()) == 120 - 4 - 16
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-def test_page_decode_replays_in_a_cuda_graph():
-    case = random_case(11, n_tokens=3000, n_kv=2, group=4, d=64, selection="page", page_size=16, top_k=256)
-    q, k, v = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (case.q, case.k, case.v))
-    be = TritonBackend()
-    summary = be.build_summary(k, v, case.cfg)
-    eager, stats = be.decode(q, k, v, summary, case.cfg)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        be.decode(q, k, v, summary, case.cfg)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, g_stats = be.decode(q, k, v, summary, case.cfg)
-    q.copy_(torch.flip(q, dims=[1]))
-    graph.replay()
-    ref, ref_stats = be.decode(q, k, v, summary, case.cfg)
-    torch.cuda.synchronize()
-    assert torch.equal(out, ref) and torch.equal(g_stats.selected, ref_stats.selected)
-    assert be.fast_select
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch needs a GPU")
-@pytest.mark.parametrize("feature_map", [None, "prf", "learned"])
-def test_chained_launches_match_plain_launches(monkeypatch, feature_map):
-    """The step's kernels launched as programmatic dependents (sm90+) give the bits of plain launches,
-    eagerly and replayed from a CUDA graph, and match the oracle; split decode (merge kernel) included."""
-    from topkphi.backends.triton_launch import chain_launches
-
-    case = random_case(12, n_tokens=9000, n_kv=2, group=4, d=128, selection="page", page_size=16, top_k=1024,
-                       feature_map=feature_map)
-    q, k, v = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (case.q, case.k, case.v))
-    be = TritonBackend()
-    summary = be.build_summary(k, v, case.cfg)
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("TOPKPHI_PDL", flag)
-        eager, stats = be.decode(q, k, v, summary, case.cfg)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, _ = be.decode(q, k, v, summary, case.cfg)
-        graph.replay()
-        torch.cuda.synchronize()
-        runs[flag] = (eager, out.clone())
-    assert chain_launches(q) == (torch.cuda.get_device_capability()[0] >= 9)
-    assert torch.equal(runs["0"][0], runs["1"][0]) and torch.equal(runs["0"][1], runs["1"][1])
-    assert torch.equal(runs["1"][0], runs["1"][1]) and be.fast_select
-    rounded = [as64(x) for x in (q, k, v)]
-    ref, _ = ORACLE.decode(*rounded, ORACLE.build_summary(*rounded[1:], case.cfg), case.cfg,
-                           selected=stats.selected.cpu().numpy())
-    assert rel_err(as64(runs["1"][1]), ref) <= 2e-2
-
-
-@pytest.mark.parametrize("mode", ["random", "ties"])
-def test_two_stage_topk_selects_the_same_pages(mode):
-    """A row cut into chunks (per-chunk topk, then over the winners) gives the one-topk selection."""
-    from topkphi.backends.triton_select import page_read_set
-    from topkphi.regions import Regions
-
-    rng = np.random.default_rng(3)
-    n_tokens, page = 4 + 16 * 700 + 9, 16
-    q = rng.standard_normal((1, 4, 16))
-    k = rng.standard_normal((1, 2, n_tokens, 16))
-    if mode == "ties":
-        k = np.round(k)
-        k[:, :, 1000:3000] = np.sign(q.reshape(1, 2, 2, 16).sum(2))[:, :, None]  # a long run of tied pages
-    tk = torch.from_numpy(k).to(DEVICE, torch.float32)
-    tq = torch.from_numpy(q).to(DEVICE, torch.float32)
-    cfg = topkphi.Config(n_sink=4, n_tail=9, top_k=5 * page, selection="page", page_size=page, feature_map=None)
-    be = TritonBackend()
-    summary = be.build_summary(tk, tk, cfg)
-    regions = Regions.of(n_tokens, 4, 9)
-    one = page_read_set(tq, summary, cfg.tau(16), 5, page, regions, topk_chunk=0, selector="topk")
-    two = page_read_set(tq, summary, cfg.tau(16), 5, page, regions, topk_chunk=64, selector="topk")
-    assert torch.equal(one.idx, two.idx) and torch.equal(one.n_selected, two.n_selected)
-    assert torch.equal(one.idx, TORCH.select(tq, tk, summary, cfg).idx)
+    exact = case.cfg.replace(selection="exact", top_k=16)
+    be.decode(q, k, v, be.build_summary(k, v, exact), exact)
+    assert be.last_path.select == "torch: exact selection has no Triton kernel (page selection has)"
 
 
 @pytest.mark.parametrize("tile", [None, 64])  # 64: the kernel's chunked paths (many sub-blocks, many ties)
@@ -281,12 +203,9 @@ def test_two_stage_topk_selects_the_same_pages(mode):
         ("one-hot-blocks", 4000, 50),  # winners packed into few sub-blocks
     ],
 )
-def test_threshold_selection_equals_topk_and_torch(mode, n_pages, n_take, tile):
-    """The threshold selector (sub-block maxima, bisection, no sort) picks the SPEC's pages: the same
-    read index as the torch twin and the topk selector, on separated, tied and adversarial bounds."""
-    from topkphi.backends.triton_select import page_read_set
-    from topkphi.regions import Regions
-
+def test_threshold_selection_equals_the_torch_twin(mode, n_pages, n_take, tile):
+    """The threshold selection (sub-block maxima, bisection, no sort) picks the SPEC's pages: the torch
+    twin's read set on separated, tied and adversarial bounds, in one tile and in the chunked paths."""
     rng = np.random.default_rng(n_pages + n_take)
     page, d, n_sink, n_tail = 4, 8, 3, 5
     n_tokens = n_sink + page * n_pages - 2 + n_tail  # partial first and last page
@@ -305,12 +224,64 @@ def test_threshold_selection_equals_topk_and_torch(mode, n_pages, n_take, tile):
     tq, tk = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in (q, k))
     cfg = topkphi.Config(n_sink=n_sink, n_tail=n_tail, top_k=n_take * page, selection="page", page_size=page,
                          feature_map=None)
-    summary = TritonBackend().build_summary(tk, tk, cfg)
-    assert summary.n_pages == n_pages + 1 or summary.n_pages == n_pages
-    regions = Regions.of(n_tokens, n_sink, n_tail)
-    ours = page_read_set(tq, summary, cfg.tau(d), n_take, page, regions, selector="threshold", tile=tile)
-    theirs = page_read_set(tq, summary, cfg.tau(d), n_take, page, regions, selector="topk")
-    twin = TORCH.select(tq, tk, summary, cfg)
-    assert torch.equal(ours.idx, twin.idx) and torch.equal(ours.n_selected, twin.n_selected)
-    assert torch.equal(ours.idx, theirs.idx) and torch.equal(ours.n_read32, theirs.n_read32)
-    assert torch.equal(ours.token_equivalents, theirs.token_equivalents)
+    summary = TORCH.build_summary(tk, tk, cfg)
+    plan, tau = step_inputs(tq, tk, summary, cfg)
+    assert plan.n_take == n_take and summary.n_pages in (n_pages, n_pages + 1)
+    ours = page_read_set(tq, summary.pages, summary.first_page, tau, n_take, page, plan.regions, tile=tile)
+    _same_read_set(ours, TORCH.read_set(tq, tk, summary, plan, cfg, tau))
+
+
+@gpu
+@pytest.mark.gpu
+def test_page_decode_replays_in_a_cuda_graph():
+    case = random_case(11, n_tokens=3000, n_kv=2, group=4, d=64, selection="page", page_size=16, top_k=256)
+    q, k, v = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (case.q, case.k, case.v))
+    be = TritonBackend()
+    summary = be.build_summary(k, v, case.cfg)
+    be.decode(q, k, v, summary, case.cfg)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        be.decode(q, k, v, summary, case.cfg)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, g_stats = be.decode(q, k, v, summary, case.cfg)
+    q.copy_(torch.flip(q, dims=[1]))
+    graph.replay()
+    ref, ref_stats = be.decode(q, k, v, summary, case.cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref) and torch.equal(g_stats.selected, ref_stats.selected)
+    assert torch.equal(g_stats.lse, ref_stats.lse) and be.last_path == TritonPath(TRITON, TRITON)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature_map", [None, "prf", "learned"])
+def test_chained_launches_match_plain_launches(feature_map):
+    """The step's kernels launched as programmatic dependents (sm90+) give the bits of plain launches,
+    eagerly and replayed from a CUDA graph, and match the oracle; split decode (merge kernel) included."""
+    from topkphi.triton.launch import chains_launches
+
+    case = random_case(12, n_tokens=9000, n_kv=2, group=4, d=128, selection="page", page_size=16, top_k=1024,
+                       feature_map=feature_map)
+    q, k, v = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (case.q, case.k, case.v))
+    runs = {}
+    for chain in (False, True):
+        be = TritonBackend(TritonTuning(chain_launches=chain))
+        summary = be.build_summary(k, v, case.cfg)
+        eager, stats = be.decode(q, k, v, summary, case.cfg)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, _ = be.decode(q, k, v, summary, case.cfg)
+        graph.replay()
+        torch.cuda.synchronize()
+        runs[chain] = (eager, out.clone(), stats.lse)
+        assert be.last_path == TritonPath(TRITON, TRITON)
+    assert chains_launches(q, TritonTuning()) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert all(torch.equal(a, b) for a, b in zip(runs[False], runs[True]))
+    assert torch.equal(runs[True][0], runs[True][1])
+    rounded = [as64(x) for x in (q, k, v)]
+    ref, _ = ORACLE.decode(*rounded, ORACLE.build_summary(*rounded[1:], case.cfg), case.cfg,
+                           selected=stats.selected.cpu().numpy())
+    assert rel_err(as64(runs[True][1]), ref) <= 2e-2

@@ -1,134 +1,136 @@
-"""Triton backend: the torch backend with its decode hot path replaced by Triton kernels.
+"""Triton backend: the torch backend with the decode hot path in Triton kernels (``topkphi/triton``).
 
-- attend: the gather of the read set, the online softmax, the phi completion with the retrieved
-  tokens' share subtracted, and the one normalization run in one fused kernel
-  (``topkphi/kernels/triton_decode.py``).
-- page selection (the deployable path): the Quest bound (with sub-block maxima) in one read of the
-  page metadata, then one kernel per KV head that thresholds, finds the bound at the cut and writes
-  the chosen pages' read index and the step's counts (``topkphi/kernels/triton_select.py``). With
-  the fused decode that is four launches per step and no host sync (capture it in a CUDA graph).
+It overrides two primitives of ``topkphi.backends.base.Backend``; the rest (summaries, exact and
+compact selection, the fitted estimators) is the torch backend's:
 
-Exact selection and summary upkeep stay in torch.
+- ``read_set``: page selection (the deployable path) in two kernels, the Quest bound and a threshold
+  select that writes the read index: no sort, no host sync;
+- ``attend``: one fused kernel (gather, online softmax, the feature-map completion, split-K merge,
+  one normalization); cluster and compact estimates come from the torch estimator ops and are merged
+  in the kernel as one more partial state.
+
+``triton_path`` is the one switch between each kernel and its torch twin; where torch runs it says
+why, and ``TritonBackend.last_path`` keeps the path the last step took. Launch choices are explicit
+(``TritonTuning``). With chained launches (sm90+) a page step is four launches (bound, select,
+decode, merge) and no host sync: capture it in a CUDA graph. Example::
+
+    be = topkphi.get_backend("triton", tuning=TritonTuning(chain_launches=False))
+    out, stats = be.decode(q, k, v, be.build_summary(k, v, cfg), cfg)   # be.last_path: where it ran
 """
 
 from __future__ import annotations
 
-import os
-import sys
+from dataclasses import dataclass, replace
 
 import torch
 
-from topkphi.backends.base import DecodeStats
-from topkphi.backends.torch_backend import TorchBackend, _check_inputs
-from topkphi.backends.torch_ops import NEG_INF, PhiTensors, ReadSet
-from topkphi.backends.triton_launch import PhiInputs, fused_decode
-from topkphi.backends.triton_select import PageReadSet, fits, page_read_set
+from topkphi.backends.torch_backend import TorchBackend
+from topkphi.backends.torch_ops import read_rows
 from topkphi.config import Config
-from topkphi.reads import read_counts
-from topkphi.regions import Regions, n_selected_pages
-from topkphi.summary import Summary, check_compatible
+from topkphi.step import ReadSet, StepPlan, plan_step
+from topkphi.summary import Summary
+from topkphi.triton.decode import Estimate, FeatureMapInputs, fused_decode
+from topkphi.triton.launch import TritonTuning, chains_launches, runnable_on
+from topkphi.triton.select import KernelReadSet, fits, page_read_set
 
+TRITON = "triton"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@dataclass(frozen=True)
+class TritonPath:
+    """Where a decode step runs its two hot primitives: ``"triton"``, or ``"torch: <why>"``."""
+
+    select: str = ""
+    attend: str = ""
+
+
+def triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summary: Summary, cfg: Config) -> TritonPath:
+    """The one switch: which primitives of ``decode(q, k, v, summary, cfg)`` run Triton kernels.
+
+    Its two halves are judged where the skeleton hands each primitive its inputs (``read_set`` has no
+    ``v``); both live here so that the whole decision reads in one place."""
+    plan = plan_step(cfg, summary, k.shape[2], q.shape[-1], v.shape[-1])
+    return TritonPath(_select_path(q, summary, plan, cfg), _attend_path(q, k, v, cfg))
+
+
+def _select_path(q: torch.Tensor, summary: Summary, plan: StepPlan, cfg: Config) -> str:
+    if plan.selection == "all":
+        return "torch: the budget covers mid (exact attention, nothing to rank)"
+    if plan.selection != "page":
+        return f"torch: {plan.selection} selection has no Triton kernel (page selection has)"
+    if not runnable_on(q):
+        return "torch: CPU tensors need TRITON_INTERPRET=1 to run Triton kernels"
+    kmin = summary.pages.kmin
+    if q.dtype not in KERNEL_DTYPES or kmin.dtype not in KERNEL_DTYPES:
+        return f"torch: the bound kernel takes fp16/bf16/fp32, got q {q.dtype}, pages {kmin.dtype}"
+    if kmin.device != q.device:
+        raise ValueError(f"the summary's pages live on {kmin.device}, the query on {q.device}")
+    if not fits(plan.n_take, cfg.page_size):
+        return f"torch: {plan.n_take} pages of {cfg.page_size} tokens exceed one selection program"
+    return TRITON
+
+
+def _attend_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Config) -> str:
+    if not runnable_on(q):
+        return "torch: CPU tensors need TRITON_INTERPRET=1 to run Triton kernels"
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in KERNEL_DTYPES):
+        return f"torch: the decode kernel takes one of fp16/bf16/fp32 for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if cfg.estimator == "feature_map" and not cfg.feature_map_for(q.shape[-1]).exp_linear:
+        return "torch: taylor2 is not exp-linear (its m = 1 + d + d^2 features do not fit a program)"
+    return TRITON
+
+
 class TritonBackend(TorchBackend):
+    """``TorchBackend`` with ``read_set`` (page selection) and ``attend`` in Triton where ``triton_path`` says."""
+
     name = "triton"
 
-    def __init__(self, fast_select: bool = True) -> None:
+    def __init__(self, tuning: TritonTuning | None = None) -> None:
         super().__init__()
-        self.fast_select = fast_select  # False: torch page selection (the reference path)
+        if tuning is not None and not isinstance(tuning, TritonTuning):
+            raise TypeError(f"tuning must be a TritonTuning, got {type(tuning).__name__}")
+        self.tuning = tuning or TritonTuning()
+        self.last_path = TritonPath()  # where the last read_set / attend ran
 
-    # ------------------------------------------------------------ decode step
+    def read_set(self, q, k, summary: Summary, plan: StepPlan, cfg: Config, tau: float) -> ReadSet:
+        path = _select_path(q, summary, plan, cfg)
+        self.last_path = replace(self.last_path, select=path)
+        if path != TRITON:
+            return super().read_set(q, k, summary, plan, cfg, tau)
+        return page_read_set(q, summary.pages, summary.first_page, tau, plan.n_take, cfg.page_size, plan.regions,
+                             chained=chains_launches(q, self.tuning), select_warps=self.tuning.select_warps)
 
-    def decode(self, q, k, v, summary: Summary, cfg: Config):
-        """As ``TorchBackend.decode``; page selection runs the Triton selection path."""
-        plan = self._page_plan(q, k, v, summary, cfg)
-        if plan is None:
-            return super().decode(q, k, v, summary, cfg)
-        try:
-            return self._page_decode(q, k, v, summary, cfg, plan)
-        except Exception as err:  # a kernel that cannot build here: say so, keep decoding
-            if os.environ.get("TOPKPHI_STRICT"):
-                raise
-            print(f"topkphi triton: page fast path failed ({type(err).__name__}: {err}); "
-                  "using the torch selection from now on", file=sys.stderr)
-            self.fast_select = False
-            return super().decode(q, k, v, summary, cfg)
+    def attend(self, q, k, v, reads: ReadSet, ops, summary: Summary, cfg: Config, tau: float):
+        path = _attend_path(q, k, v, cfg)
+        self.last_path = replace(self.last_path, attend=path)
+        if path != TRITON:
+            return super().attend(q, k, v, reads, ops, summary, cfg, tau)
+        feature_map = estimate = None
+        if ops is not None and cfg.estimator == "feature_map":  # completed inside the kernel
+            feature_map = self._feature_map_inputs(cfg, summary, reads.n_anchor, q)
+        elif ops is not None:  # clusters, compact pages: estimated in torch, merged in the kernel
+            estimate = self._outside_estimate(q, k, v, reads, ops, summary, cfg, tau)
+        from_kernels = isinstance(reads, KernelReadSet)
+        t = self.tuning
+        return fused_decode(q, k, v, reads.idx, reads.n_read32 if from_kernels else reads.n_read, scale=tau,
+                            feature_map=feature_map, estimate=estimate, split=t.decode_split, block_n=t.decode_block_n,
+                            num_warps=t.decode_warps, chained=from_kernels and reads.chained, phi_dot16=t.phi_dot16)
 
-    def select(self, q, k, summary: Summary, cfg: Config) -> ReadSet:
-        """As ``TorchBackend.select``; page selection through the Triton kernels where it applies."""
-        plan = self._page_plan(q, k, None, summary, cfg)
-        if plan is None:
-            return super().select(q, k, summary, cfg)
-        regions, n_take, fmap, d, dv = plan
-        return page_read_set(q, summary, cfg.tau(d), n_take, cfg.page_size, regions)
+    # ------------------------------------------------------------ the estimates' inputs
 
-    def _page_plan(self, q, k, v, summary: Summary, cfg: Config):
-        """``(regions, n_take, fmap, d, dv)`` when the Triton page path applies, else None."""
-        if not self.fast_select or cfg.selection != "page" or summary.kmin is None:
-            return None
-        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
-            return None
-        if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or (v is not None and v.dtype != q.dtype):
-            return None
-        if summary.kmin.dtype not in KERNEL_DTYPES or summary.kmin.device != q.device:
-            return None
-        n_tokens = k.shape[2]
-        if summary.n_tokens != n_tokens or q.dim() != 3 or k.dim() != 4:
-            return None  # let the torch path raise its errors
-        n_pages = summary.n_pages
-        n_take = n_selected_pages(cfg.top_k, cfg.page_size, n_pages)
-        if n_take >= n_pages or not fits(n_take, cfg.page_size):
-            return None  # covers mid (exact attention) or too large for one program
-        d = q.shape[-1]
-        dv = v.shape[-1] if v is not None else d
-        return Regions.of(n_tokens, cfg.n_sink, cfg.n_tail), n_take, cfg.feature_map_for(d), d, dv
+    def _feature_map_inputs(self, cfg: Config, summary: Summary, n_anchor: int, q: torch.Tensor) -> FeatureMapInputs:
+        fmap = cfg.feature_map_for(q.shape[-1])
+        # converted once per map and device and cached: a chained decode must not read a fresh copy
+        _, norm_coef, w_q, b_q, w_k, b_k = self._map_tensors(fmap, q.device)
+        state = summary.estimate
+        return FeatureMapInputs(w_q, b_q, w_k, b_k, norm_coef, state.s, state.z, state.c_max, n_anchor)
 
-    def _page_decode(self, q, k, v, summary: Summary, cfg: Config, plan):
-        _check_inputs(q, k, v)
-        check_compatible(summary, cfg, k.shape[2])
-        regions, n_take, fmap, d, dv = plan
-        if fmap is not None:
-            fmap.check_heads(k.shape[1])
-        tau = cfg.tau(d)
-        # n_take < n_pages and every page holds a mid token: no head covers mid, the summary is
-        # active for every head (TorchBackend: active = n_selected < n_mid, all True here)
-        counts = read_counts(cfg, 0, regions.n_mid, fmap is not None, fmap, d, dv)
-        # the map's tensors first: the decode kernel chains onto the selection kernel, so nothing may run
-        # between them
-        map_tensors = self._map_tensors(fmap, q.device) if fmap is not None else None
-        reads = page_read_set(q, summary, tau, n_take, cfg.page_size, regions, counts.summary, counts.selection)
-        phi = None
-        if fmap is not None:
-            kind, norm_coef, w_q, b_q, w_k, b_k = map_tensors
-            active = None if kind != "taylor2" else reads.n_selected < regions.n_mid
-            phi = PhiTensors(kind, norm_coef, w_q, b_q, w_k, b_k, summary.s, summary.z, summary.c_max, active)
-        out, rho = self.attend(q, k, v, reads, phi, tau)
-        stats = DecodeStats(
-            rho=rho,
-            selected=reads.selected,
-            n_selected=reads.n_selected,
-            tokens_read=reads.n_read,
-            token_equivalents=reads.token_equivalents,
-            n_tokens=k.shape[2],
-        )
-        return out, stats
+    @staticmethod
+    def _outside_estimate(q, k, v, reads: ReadSet, ops, summary: Summary, cfg: Config, tau: float) -> Estimate:
+        """The estimator ops' ``(lam, n_phi, d_phi)`` over the read set's rows, as the kernel's extra state."""
+        rows = read_rows(q, k, v, reads, tau)
+        return Estimate.of(*ops.estimate(rows.q_g, rows.k_read, rows.v_read, rows.retrieved, reads, summary, cfg, tau))
 
-    # ------------------------------------------------------------ attention over the read set
 
-    def attend(self, q, k, v, reads: ReadSet, phi: PhiTensors | None, tau: float):
-        """As ``TorchBackend.attend``, fused; taylor2 maps and unusual dtypes take the torch path."""
-        same_dtype = q.dtype == k.dtype == v.dtype and q.dtype in KERNEL_DTYPES
-        if not same_dtype or (phi is not None and phi.kind == "taylor2"):
-            return super().attend(q, k, v, reads, phi, tau)
-        fast = isinstance(reads, PageReadSet) and reads.n_read32 is not None
-        inputs = None
-        if phi is not None:
-            if phi.active is None:  # PageReadSet without a covering head: every head is active
-                c_max = phi.c_max
-            else:  # heads whose read set covers mid get no completion: -inf marks an empty summary
-                c_max = torch.where(phi.active, phi.c_max, torch.full_like(phi.c_max, NEG_INF))
-            n_anchor = reads.n_anchor32 if fast else torch.full_like(reads.n_read, reads.n_anchor)
-            inputs = PhiInputs(phi.w_q, phi.b_q, phi.w_k, phi.b_k, phi.norm_coef, phi.s, phi.z, c_max, n_anchor)
-        n_read = reads.n_read32 if fast else reads.n_read
-        return fused_decode(q, k, v, reads.idx, n_read, scale=tau, phi=inputs, chained=fast and reads.chained)
+__all__ = ["TritonBackend", "TritonPath", "TritonTuning", "triton_path"]

@@ -1,1 +1,1 @@
-"""Kernel sources (Triton); each file imports only its kernel language, never torch or model code."""
+"""Metal kernel sources; each file imports only its kernel language (the Triton kernels: ``topkphi/triton``)."""

@@ -1,203 +1,22 @@
-"""Page selection (SPEC section 3, ``page``) in Triton: the Quest bound and the read-index build.
+"""Page selection of one decode step (SPEC section 3, ``page``) in Triton, without a sort.
 
-``page_bounds_kernel``: grid ``(B*Hkv, cdiv(n_pages, BLOCK_P * blocks_per_prog))``. Each program
-reads tiles of ``kmin``/``kmax`` once, in the cache's own dtype, and computes for all G query heads
-of its KV head ``u_p = tau * max_h sum_i max(q_hi kmin_pi, q_hi kmax_pi)`` in fp32 (the literal SPEC
-formula, no matmul, no fp32 copy of the metadata), then stores ``u [B*Hkv, n_pages]`` fp32 and, for
-the threshold selection, the maximum of every run of SB pages.
-
-``select_pages_kernel`` (the default selection): grid ``(B*Hkv,)``; see its docstring.
-
-``read_index_kernel`` (the ``topk`` selector): grid ``(B*Hkv,)``. Input: the ``n_take + 1`` largest bounds of the
-head (``torch.topk``, unsorted; or two topks, per chunk of the row then over the chunk
-winners). With ``m1`` the smallest of them, the ``n_take`` best pages are the candidates
-above ``m1`` unless ``m1`` occurs twice or more among the candidates (a tie at the cut); only
-then the row of ``u`` is scanned for the first tied pages in page order (ties to the smaller
-page, as the SPEC asks). The chosen pages are sorted in registers and expanded to
-``idx [B*Hkv, R]`` int64 = sink+tail anchors, the pages' mid tokens ascending, -1 padding,
-together with the per-head counts the decode step reports. Launchers:
-``topkphi/backends/triton_select.py``.
+``select_pages_kernel``, grid ``(B*Hkv,)``: from the bounds ``u`` and their sub-block maxima (both
+written by ``bounds.py``), the ``n_take`` pages of largest bound, ties to the smaller page (see its
+docstring), expanded to the read index ``idx [B*Hkv, R]`` int64 = sink+tail anchors, the pages' mid
+tokens ascending, -1 padding, with the per-head counts of the step. Launcher:
+``topkphi/triton/select.py``.
 """
 
 import triton
 import triton.language as tl
 
 
-# sizes that move with the context would otherwise recompile the kernel whenever their
-# divisibility by 16 changes: a second of compilation in the middle of a chat. Strides stay
-# specialized: the launchers pad rows to multiples of 16 and cache strides carry a factor d, and
-# without the divisibility hint every metadata load is a scalar 2-byte load (4x slower, measured)
-@triton.jit(do_not_specialize=["n_pages", "blocks_per_prog"])
-def page_bounds_kernel(
-    q_ptr,
-    kmin_ptr,
-    kmax_ptr,
-    u_ptr,
-    bm_ptr,
-    bm_stride,
-    sqb,
-    sqh,
-    sqd,
-    snb,
-    snh,
-    snp,
-    snd,
-    sxb,
-    sxh,
-    sxp,
-    sxd,
-    Hkv,
-    n_pages,
-    u_stride,
-    D,
-    tau,
-    blocks_per_prog,
-    G: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SB: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-    USE_DOT: tl.constexpr = False,
-    GP: tl.constexpr = 16,
-    DOT_F32: tl.constexpr = False,
-    GDC: tl.constexpr = False,
-):
-    if GDC:  # let the selection kernel launch now; it waits for this grid before reading u and bm
-        tl.extra.cuda.gdc_launch_dependents()
-    bh = tl.program_id(0)
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    if USE_DOT:
-        # kmin <= kmax, so max(q kmin, q kmax) = q+ kmax + q- kmin: two products on the tensor cores
-        # in place of 4 G fp32 ops per metadata element, which bound the elementwise form below
-        # the memory rate. q+ and q- are q's own values (q has the metadata's dtype), so every
-        # product is exact in the fp32 accumulator; only the order of the fp32 sum differs.
-        offs_g = tl.arange(0, GP)
-        g_ok = offs_g < G
-        qt = tl.load(q_ptr + b * sqb + (h * G + offs_g)[None, :] * sqh + offs_d[:, None] * sqd,
-                     mask=d_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, GP]
-        q_pos = tl.where(qt > 0.0, qt, 0.0)
-        q_neg = tl.where(qt < 0.0, qt, 0.0)
-        if not DOT_F32:
-            q_pos = q_pos.to(kmin_ptr.dtype.element_ty)
-            q_neg = q_neg.to(kmin_ptr.dtype.element_ty)
-    # a program walks several blocks of pages so that the pipeliner keeps the next tiles' loads in
-    # flight while this one is reduced: the bound is a pure stream of the metadata
-    for i in tl.range(0, blocks_per_prog, num_stages=NUM_STAGES):
-        pb = tl.program_id(1) * blocks_per_prog + i
-        offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < n_pages
-        tile_ok = p_ok[:, None] & d_ok[None, :]
-        rows = offs_p.to(tl.int64)[:, None]
-        kmn = tl.load(kmin_ptr + b * snb + h * snh + rows * snp + offs_d[None, :] * snd, mask=tile_ok, other=0.0)
-        kmx = tl.load(kmax_ptr + b * sxb + h * sxh + rows * sxp + offs_d[None, :] * sxd, mask=tile_ok, other=0.0)
-        if USE_DOT:
-            if DOT_F32:  # the interpreter: its 16-bit tl.dot is wrong, the same products in fp32 are exact
-                kmn = kmn.to(tl.float32)
-                kmx = kmx.to(tl.float32)
-                s = tl.dot(kmx, q_pos, input_precision="ieee")
-                s = tl.dot(kmn, q_neg, acc=s, input_precision="ieee")  # [BLOCK_P, GP]
-            else:
-                s = tl.dot(kmn, q_neg, acc=tl.dot(kmx, q_pos))
-            u = tl.max(tl.where(g_ok[None, :], s, float("-inf")), axis=1)
-        else:
-            kmn = kmn.to(tl.float32)
-            kmx = kmx.to(tl.float32)
-            u = tl.full([BLOCK_P], float("-inf"), tl.float32)
-            for g in tl.static_range(G):
-                qg = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
-                s = tl.sum(tl.maximum(qg[None, :] * kmn, qg[None, :] * kmx), axis=1)
-                u = tl.maximum(u, s)
-        # entries past n_pages (row padding) hold -inf
-        u = tl.where(p_ok, u * tau, float("-inf"))
-        tl.store(u_ptr + bh.to(tl.int64) * u_stride + offs_p, u, mask=offs_p < u_stride)
-        if SB > 0:  # maxima of sub-blocks of SB pages: what select_pages_kernel thresholds on
-            bm = tl.max(tl.reshape(u, [BLOCK_P // SB, SB]), axis=1)
-            offs_b = pb * (BLOCK_P // SB) + tl.arange(0, BLOCK_P // SB)
-            tl.store(bm_ptr + bh.to(tl.int64) * bm_stride + offs_b, bm, mask=offs_b < bm_stride)
-
-
-@triton.jit(do_not_specialize=["n_pages", "n_first", "first_page", "sink_end", "mid_start", "mid_end"])
-def read_index_kernel(
-    vals_ptr,
-    cand_ptr,
-    first_idx_ptr,
-    u_ptr,
-    scratch_ptr,
-    idx_ptr,
-    n_sel_ptr,
-    n_read_ptr,
-    n_read32_ptr,
-    n_anchor32_ptr,
-    te_ptr,
-    n_pages,
-    u_stride,
-    n_cand,
-    n_first,
-    chunk,
-    n_take,
-    R,
-    first_page,
-    page_size,
-    sink_end,
-    mid_start,
-    mid_end,
-    n_anchor,
-    te_summary,
-    te_selection,
-    BLOCK_K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_A: tl.constexpr,
-    BLOCK_PAD: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    TWO_STAGE: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    row = bh.to(tl.int64)
-    ck = tl.arange(0, BLOCK_K)
-    c_ok = ck < n_cand
-    vals = tl.load(vals_ptr + row * n_cand + ck, mask=c_ok, other=float("inf"))
-    cand = tl.load(cand_ptr + row * n_cand + ck, mask=c_ok, other=0).to(tl.int32)
-    if TWO_STAGE:  # cand indexes the per-chunk winners [n_chunks, n_cand] of the first topk
-        inner = tl.load(first_idx_ptr + row * n_first + cand, mask=c_ok, other=0).to(tl.int32)
-        cand = (cand // n_cand) * chunk + inner
-    m1 = tl.min(vals, axis=0)
-    n_eq = tl.sum((c_ok & (vals == m1)).to(tl.int32), axis=0)
-    above = c_ok & (vals > m1)
-    big = n_pages  # sorts after every page
-    keys = tl.where(above, cand, big)
-    if n_eq > 1:  # the cut falls inside a run of equal bounds: first tied pages in page order
-        n_above = tl.sum(above.to(tl.int32), axis=0)
-        need = n_take - n_above
-        base = scratch_ptr + row * BLOCK_K
-        rank = tl.cumsum(above.to(tl.int32), axis=0) - 1
-        tl.store(base + need + rank, cand, mask=above)
-        taken = n_above * 0
-        for start in range(0, n_pages, BLOCK_S):
-            offs = start + tl.arange(0, BLOCK_S)
-            in_row = offs < n_pages
-            uu = tl.load(u_ptr + row * u_stride + offs, mask=in_row, other=float("-inf"))
-            tie = in_row & (uu == m1)
-            c = taken + tl.cumsum(tie.to(tl.int32), axis=0)
-            tl.store(base + c - 1, offs, mask=tie & (c <= need))
-            taken += tl.sum(tie.to(tl.int32), axis=0)
-        tl.debug_barrier()
-        keys = tl.load(base + ck, mask=ck < n_take, other=big)
-    keys = tl.sort(keys)  # ascending: the n_take chosen pages first
-    _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read_ptr, n_read32_ptr, n_anchor32_ptr, te_ptr, n_take,
-                      R, first_page, page_size, sink_end, mid_start, mid_end, n_anchor, te_summary, te_selection,
-                      BLOCK_K, BLOCK_T, BLOCK_A, BLOCK_PAD)
-
-
 @triton.jit
-def _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read_ptr, n_read32_ptr, n_anchor32_ptr, te_ptr, n_take,
-                      R, first_page, page_size, sink_end, mid_start, mid_end, n_anchor, te_summary, te_selection,
-                      BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr,
-                      BLOCK_PAD: tl.constexpr):
+def _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read64_ptr, n_read32_ptr, n_take, R, first_page,
+                      page_size, sink_end, mid_start, mid_end, n_anchor, BLOCK_K: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_PAD: tl.constexpr):
     """Expand the chosen pages (``keys [BLOCK_K]``, ascending, the first ``n_take`` valid) into the
-    read index ``[anchors | mid tokens ascending | -1 ...]`` and store the step's counts."""
+    read index ``[anchors | mid tokens ascending | -1 ...]`` and store the head's counts."""
     # tokens of the chosen pages, clipped to mid; only page 0 (start) and the last page (end)
     # can be partial, so dropping page 0's leading tokens is the only shift
     j = tl.arange(0, BLOCK_K)[:, None]
@@ -215,13 +34,12 @@ def _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read_ptr, n_read32_pt
     a = tl.arange(0, BLOCK_A)
     anchor = tl.where(a < sink_end, a, mid_end + a - sink_end)
     tl.store(out + a, anchor.to(tl.int64), mask=a < n_anchor)
-
+    # int64 counts for the step's statistics, int32 for the decode kernel, which may launch chained
+    # onto this one: all written here, so no other kernel runs in the step for them
     n_read = n_sel + n_anchor
     tl.store(n_sel_ptr + bh, n_sel.to(tl.int64))
-    tl.store(n_read_ptr + bh, n_read.to(tl.int64))
+    tl.store(n_read64_ptr + bh, n_read.to(tl.int64))
     tl.store(n_read32_ptr + bh, n_read.to(tl.int32))
-    tl.store(n_anchor32_ptr + bh, (n_sel * 0 + n_anchor).to(tl.int32))
-    tl.store(te_ptr + bh, (n_read.to(tl.float32) + te_summary) + te_selection)
 
 
 @triton.jit
@@ -283,10 +101,8 @@ def select_pages_kernel(
     pages_ptr,
     idx_ptr,
     n_sel_ptr,
-    n_read_ptr,
+    n_read64_ptr,
     n_read32_ptr,
-    n_anchor32_ptr,
-    te_ptr,
     n_pages,
     u_stride,
     n_sb,
@@ -299,8 +115,6 @@ def select_pages_kernel(
     mid_start,
     mid_end,
     n_anchor,
-    te_summary,
-    te_selection,
     SB: tl.constexpr,
     CH: tl.constexpr,
     CHS: tl.constexpr,
@@ -419,6 +233,5 @@ def select_pages_kernel(
     tl.debug_barrier()
     kk = tl.arange(0, BLOCK_K)
     keys = tl.load(pages_row + kk, mask=kk < n_take, other=n_pages)  # ascending already
-    _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read_ptr, n_read32_ptr, n_anchor32_ptr, te_ptr, n_take,
-                      R, first_page, page_size, sink_end, mid_start, mid_end, n_anchor, te_summary, te_selection,
-                      BLOCK_K, BLOCK_T, BLOCK_A, BLOCK_PAD)
+    _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read64_ptr, n_read32_ptr, n_take, R, first_page,
+                      page_size, sink_end, mid_start, mid_end, n_anchor, BLOCK_K, BLOCK_T, BLOCK_A, BLOCK_PAD)

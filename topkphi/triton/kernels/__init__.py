@@ -1,0 +1,1 @@
+"""Triton kernels; each file imports only ``triton`` and ``triton.language``."""

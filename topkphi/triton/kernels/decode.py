@@ -1,0 +1,189 @@
+"""Fused sparse decode attention with the feature-map completion (SPEC section 5), in Triton.
+
+One program per (batch, KV head, split) serves all G query heads of the group, so each
+gathered key/value row is read once. A split reduces its slice of the read set to a partial
+state (``m``, ``l``, ``acc [G, dv]``, see ``merge.py``) and the feature-map subtraction partials
+``wsum = sum_T w_j``, ``wv = sum_T w_j v_j``. With one split the program finalizes its rows
+itself; with more, ``merge.merge_kernel`` merges them. Launcher: ``topkphi/triton/decode.py``.
+"""
+
+import triton
+import triton.language as tl
+
+from topkphi.triton.kernels.merge import exp_diff, finalize
+
+
+@triton.jit
+def query_features(q, wq_ptr, bq_ptr, hp, sqrt_scale, half_nc_scale, M, D,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """f = exp(l_q - c_q) [R, BLOCK_M] and c_q [R] for fp32 queries q [R, BLOCK_D] (R >= 16 for tl.dot).
+
+    l_q = W_q x~ + b_q - norm_coef |x~|^2 / 2 with x~ = sqrt(scale) q; params contiguous [H', M, D].
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mm = offs_m < M
+    wq = tl.load(wq_ptr + hp * M * D + offs_m[:, None] * D + offs_d[None, :],
+                 mask=mm[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    bq = tl.load(bq_ptr + hp * M + offs_m, mask=mm, other=0.0).to(tl.float32)
+    lq = tl.dot(q, tl.trans(wq), input_precision=PREC)
+    lq = lq * sqrt_scale + bq[None, :] - half_nc_scale * tl.sum(q * q, 1)[:, None]
+    lq = tl.where(mm[None, :], lq, float("-inf"))
+    cq = tl.max(lq, 1)
+    return tl.exp(lq - cq[:, None]), cq
+
+
+@triton.jit
+def summary_readout(f, s_ptr, z_ptr, bh, M, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """f^T S [R, BLOCK_DV] and f^T z [R] for the summary of KV head bh (contiguous fp32)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_v = tl.arange(0, BLOCK_DV)
+    mm = offs_m < M
+    s = tl.load(s_ptr + bh * M * DV + offs_m[:, None] * DV + offs_v[None, :],
+                mask=mm[:, None] & (offs_v[None, :] < DV), other=0.0)
+    z = tl.load(z_ptr + bh * M + offs_m, mask=mm, other=0.0)
+    return tl.dot(f, s, input_precision=PREC), tl.sum(f * z[None, :], 1)
+
+
+# n_anchor moves while the cache is shorter than sink + tail: unspecialized, it compiles once. Cache
+# strides stay specialized: they carry a factor d (a multiple of 16 on real models), so a growing
+# cache keeps their divisibility, and the hint lets gathered rows load 16 bytes wide
+@triton.jit(do_not_specialize=["n_anchor"])
+def decode_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, nread_ptr,
+    wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr, z_ptr, c_ptr, xm_ptr, xv_ptr,
+    out_ptr, rho_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, plam_ptr, pfs_ptr, pfz_ptr,
+    s_qb, s_qh, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ib, s_ih, s_ir,
+    Hkv, G, D, DV, M, R, n_anchor, n_splits, chunk, scale, sqrt_scale, half_nc_scale,
+    GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_PHI: tl.constexpr, PHI_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, SPLIT: tl.constexpr,
+    F32_DOTS: tl.constexpr, GDC: tl.constexpr = False, PHI_DOT16: tl.constexpr = False,
+):
+    """Grid (B*Hkv, n_splits): split s reduces read entries [s*chunk, min((s+1)*chunk, n_read)).
+
+    Entries at or past ``n_anchor`` are the retrieved T, whose estimated share leaves the summary.
+    With phi and splits, split 0 also reads the summary out (``f^T S``, ``f^T z``, lam) into buffers of
+    their own, before the chained wait (the summary is older than the chain), so the read-out overlaps
+    the selection; the splits store ``- sum w v``, ``- sum w``; the merge needs no feature-map work.
+    GDC: launched as a programmatic dependent of the selection kernel: the prologue (q, f_q, W_k)
+    reads only q and the map's parameters, older than that kernel, and overlaps its tail.
+    PHI_DOT16 (16-bit caches): w = f . e^T on the tensor cores in the cache dtype instead of tf32.
+    """
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = bh // Hkv
+    g = bh % Hkv
+    PREC: tl.constexpr = "ieee" if F32_DOTS else "tf32"
+
+    rows = tl.arange(0, GP)
+    rmask = rows < G
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < D
+    vmask = offs_v < DV
+    o_rows = bh * G + rows
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + (g * G + rows)[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BLOCK_DV], tl.float32)
+    wsum = tl.zeros([GP], tl.float32)
+    wv = tl.zeros([GP, BLOCK_DV], tl.float32)
+    if HAS_PHI:
+        hp = g if PHI_PER_HEAD else 0
+        f, cq = query_features(q, wq_ptr, bq_ptr, hp, sqrt_scale, half_nc_scale, M, D, BLOCK_M, BLOCK_D, PREC)
+        offs_m = tl.arange(0, BLOCK_M)
+        mm = offs_m < M
+        # W_k [BLOCK_M, BLOCK_D] for l_k = k W_k^T: for 16-bit caches in the cache dtype, so l_k runs on
+        # the tensor cores (error ~1e-3 of |l_k|)
+        wk = tl.load(wk_ptr + hp * M * D + offs_m[:, None] * D + offs_d[None, :], mask=mm[:, None] & dmask[None, :],
+                     other=0.0)
+        wk = wk.to(tl.float32) if F32_DOTS else wk.to(k_ptr.dtype.element_ty)
+        bk = tl.load(bk_ptr + hp * M + offs_m, mask=mm, other=0.0).to(tl.float32)
+        if SPLIT:
+            if sp == 0:  # the summary is older than the chain: read it out while the selection runs
+                fs, fz = summary_readout(f, s_ptr, z_ptr, bh, M, DV, BLOCK_M, BLOCK_DV, PREC)
+                c_sum = tl.load(c_ptr + bh)
+                tl.store(plam_ptr + o_rows, tl.where(c_sum > float("-inf"), cq + c_sum, float("-inf")), mask=rmask)
+                tl.store(pfz_ptr + o_rows, fz, mask=rmask)
+                tl.store(pfs_ptr + o_rows[:, None] * DV + offs_v[None, :], fs, mask=rmask[:, None] & vmask[None, :])
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+    if HAS_PHI:
+        c_sum = tl.load(c_ptr + bh)
+        have_sum = c_sum > float("-inf")
+        c_safe = tl.where(have_sum, c_sum, 0.0)
+        lam = tl.where(have_sum, cq + c_sum, float("-inf"))
+        t_start = tl.where(have_sum, n_anchor, 2147483647)  # an empty summary has no share to subtract
+
+    n_valid = tl.minimum(tl.load(nread_ptr + bh), R)
+    start = sp * chunk
+    end = tl.minimum(start + chunk, n_valid)
+    k_base = k_ptr + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vh
+    i_base = idx_ptr + b.to(tl.int64) * s_ib + g.to(tl.int64) * s_ih
+    for j0 in range(start, end, BLOCK_N):
+        offs_j = j0 + tl.arange(0, BLOCK_N)
+        jm = offs_j < end
+        pos = tl.load(i_base + offs_j * s_ir, mask=jm, other=-1)
+        jm = jm & (pos >= 0)
+        pos = pos.to(tl.int64)
+        k = tl.load(k_base + pos[:, None] * s_kn + offs_d[None, :] * s_kd, mask=jm[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + pos[:, None] * s_vn + offs_v[None, :] * s_vd, mask=jm[:, None] & vmask[None, :], other=0.0)
+        if F32_DOTS:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        else:
+            s = tl.dot(q.to(k.dtype), tl.trans(k))
+        s = tl.where(jm[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = exp_diff(m_i, m_new)
+        p = exp_diff(s, m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+        if HAS_PHI:
+            kf = k.to(tl.float32)
+            lk = tl.dot(k, tl.trans(wk), input_precision=PREC) * sqrt_scale + bk[None, :]
+            lk = lk - half_nc_scale * tl.sum(kf * kf, 1)[:, None]
+            ret = jm & (offs_j >= t_start)
+            e = tl.where(ret[:, None] & mm[None, :], tl.exp(lk - c_safe), 0.0)
+            if PHI_DOT16:  # f and e lie in [0, 1]: the cache's 16-bit type holds them to ~0.4%
+                w = tl.dot(f.to(k.dtype), tl.trans(e.to(k.dtype)))
+            else:
+                w = tl.dot(f, tl.trans(e), input_precision=PREC)
+            wsum += tl.sum(w, 1)
+            wv += tl.dot(w.to(v.dtype), v, input_precision=PREC)
+
+    amask = rmask[:, None] & vmask[None, :]
+    if SPLIT:
+        p_off = (bh * n_splits + sp) * G + rows
+        tl.store(pm_ptr + p_off, m_i, mask=rmask)
+        tl.store(pl_ptr + p_off, l_i, mask=rmask)
+        a_off = p_off[:, None] * DV + offs_v[None, :]
+        tl.store(pacc_ptr + a_off, acc, mask=amask)
+        if HAS_PHI:
+            tl.store(pw_ptr + p_off, -wsum, mask=rmask)
+            tl.store(pwv_ptr + a_off, -wv, mask=amask)
+    else:
+        n_phi = wv
+        d_phi = wsum
+        if HAS_PHI:
+            fs, fz = summary_readout(f, s_ptr, z_ptr, bh, M, DV, BLOCK_M, BLOCK_DV, PREC)
+            n_phi = fs - wv
+            d_phi = fz - wsum
+        else:
+            lam = m_i  # unused placeholder
+        x_m = m_i
+        x_v = acc
+        if HAS_EXTRA:
+            x_m = tl.load(xm_ptr + o_rows, mask=rmask, other=float("-inf"))
+            x_v = tl.load(xv_ptr + o_rows[:, None] * DV + offs_v[None, :], mask=amask, other=0.0)
+        out, rho, lse = finalize(m_i, l_i, acc, lam, n_phi, d_phi, x_m, x_v, HAS_PHI, HAS_EXTRA)
+        tl.store(out_ptr + o_rows[:, None] * DV + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=amask)
+        tl.store(rho_ptr + o_rows, rho, mask=rmask)
+        tl.store(lse_ptr + o_rows, lse, mask=rmask)

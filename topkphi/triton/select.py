@@ -1,0 +1,151 @@
+"""Launchers of the page selection of one decode step (kernels ``kernels/bounds.py``, ``kernels/select.py``).
+
+``page_bounds`` is the Quest bound (SPEC 3) in one read of the page metadata; ``page_read_set`` is the
+whole selection in two launches and no host sync, so a step captures in a CUDA graph: the bound kernel
+(with the maxima of runs of ``SUB_BLOCK`` pages), then ``select_pages_kernel``, one program per KV head,
+which thresholds on those maxima, finds the bound at the cut and writes the read index and the counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from topkphi.regions import Regions
+from topkphi.step import ReadSet
+from topkphi.summary import PageBounds
+from topkphi.triton.kernels.bounds import page_bounds_kernel
+from topkphi.triton.kernels.select import select_pages_kernel
+from topkphi.triton.launch import interpreting, p2, round16
+
+MAX_TILE = 1 << 15  # chosen pages x page size that one program expands into the read index
+SUB_BLOCK = 16  # pages per sub-block maximum that the threshold selection bisects on
+
+
+@dataclass
+class KernelReadSet(ReadSet):
+    """A ``ReadSet`` written by the selection kernels, with its counts written there too, so that no
+    kernel runs between the selection and the decode, nor for the read counts of the stats: ``n_read64``,
+    ``n_read32 [B,Hkv]`` (int64 for the stats, int32 for the decode); ``chained``: the decode may launch
+    as their programmatic dependent."""
+
+    n_read64: torch.Tensor | None = None
+    n_read32: torch.Tensor | None = None
+    chained: bool = False
+
+    @property
+    def n_read(self) -> torch.Tensor:
+        return self.n_read64
+
+
+def bound_tiling(use_dot: bool) -> tuple[int, int, int, int]:
+    """(block_p, blocks_per_program, num_stages, num_warps; 0: by tile size) of the bound kernel. Tensor-core form,
+    measured on an H200 (bf16, d 128, G 4, 8 rows, benchmarks/select_variants.py): two pipelined blocks
+    of 64 pages on 4 warps, 11.6 us at 8k pages per row (13.3 for one block of 128, 18.1 for 64 on 8
+    warps) and 37.3 us at 32k (41.2 to 61.0 for the one-block tilings)."""
+    if not use_dot:
+        return 64, 1, 1, 0
+    return 64, 2, 2, 4
+
+
+def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: float, *, block_p: int | None = None,
+                sub_block: int = 0, num_warps: int | None = None, blocks_per_program: int | None = None,
+                num_stages: int | None = None, use_dot: bool | None = None, chained: bool = False):
+    """``u [B, Hkv, n_pages]`` fp32 (SPEC 3) from ``q [B,Hq,d]`` and ``kmin``/``kmax [B,Hkv,n_pages,d]``.
+
+    Any float dtype and strides; query head h belongs to KV head ``h // (Hq // Hkv)``.
+    ``sub_block > 0`` (a power of two <= 16) returns ``(u, bm)`` with ``bm [B, Hkv, >= cdiv(n_pages,
+    sub_block)]`` the maxima of consecutive runs of ``sub_block`` pages (-inf past the row).
+    ``blocks_per_program`` blocks of ``block_p`` pages per program, software-pipelined ``num_stages``
+    deep; what is left None comes from ``bound_tiling``. ``use_dot``: the bound as two tensor-core
+    products (``q+ kmax + q- kmin``: exact products, fp32 sums); None picks it when q and the metadata
+    share a 16-bit dtype (fp32 keeps the literal elementwise form). ``chained``: let a programmatic
+    dependent (the selection kernel) launch while this one runs.
+
+    Example::
+
+        q = torch.randn(1, 8, 64); kmin = torch.randn(1, 2, 40, 64); kmax = kmin + 1
+        u = page_bounds(q, kmin, kmax, 64 ** -0.5)   # [1, 2, 40]; TRITON_INTERPRET=1 on CPU
+    """
+    B, Hq, D = q.shape
+    Hkv, n_pages = kmin.shape[1], kmin.shape[2]
+    if Hq % Hkv or kmin.shape != kmax.shape or kmin.shape[0] != B or kmin.shape[3] != D:
+        raise ValueError(f"shapes q {tuple(q.shape)}, kmin {tuple(kmin.shape)}, kmax {tuple(kmax.shape)}")
+    native_dot = q.dtype == kmin.dtype == kmax.dtype and q.dtype in (torch.bfloat16, torch.float16)
+    use_dot = native_dot if use_dot is None else use_dot
+    tiling = bound_tiling(use_dot)
+    block_p = block_p or tiling[0]
+    blocks_per_program = blocks_per_program or tiling[1]
+    num_stages = num_stages or tiling[2]
+    num_warps = num_warps or tiling[3] or (8 if block_p * p2(D, 16) >= 8192 else 4)
+    # rows padded to multiples of 16 (with -inf): a row stride that moves with the context would
+    # either recompile the kernels or cost them their vectorized accesses
+    u = torch.empty(B, Hkv, round16(n_pages), dtype=torch.float32, device=q.device)
+    block_p = min(block_p, p2(n_pages, 16))
+    n_blocks = triton.cdiv(n_pages, block_p)
+    bm = torch.empty(B, Hkv, round16(n_blocks * block_p // max(1, sub_block)), dtype=torch.float32, device=q.device)
+    if n_pages > 0 and B * Hkv > 0:
+        page_bounds_kernel[(B * Hkv, triton.cdiv(n_blocks, blocks_per_program))](
+            q, kmin, kmax, u, bm, bm.shape[-1], *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, n_pages,
+            u.shape[-1], D, float(tau), blocks_per_program, G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=p2(D, 16),
+            SB=sub_block, NUM_STAGES=num_stages, USE_DOT=use_dot, GP=p2(Hq // Hkv, 16), GDC=chained,
+            DOT_F32=not native_dot or interpreting(q), num_warps=num_warps,
+        )
+    u = u[..., :n_pages]
+    return (u, bm) if sub_block else u
+
+
+def select_tile(n_take: int) -> int:
+    """Sub-block maxima, and candidate pages, that the threshold kernel holds in registers: room for
+    at least n_take candidate sub-blocks (2048 measured 10% faster than 4096 on an H200 at n_take 128)."""
+    return SUB_BLOCK * max(128, p2(n_take))
+
+
+def fits(n_take: int, page_size: int) -> bool:
+    """Whether ``page_read_set`` expands this budget in one program per head."""
+    return p2(n_take + 1) * p2(page_size) <= MAX_TILE
+
+
+def page_read_set(q: torch.Tensor, pages: PageBounds, first_page: int, tau: float, n_take: int, page_size: int,
+                  regions: Regions, *, chained: bool = False, tile: int | None = None,
+                  select_warps: int = 8) -> KernelReadSet:
+    """Page selection of one step (SPEC 3) in the read-set contract of ``topkphi.step``.
+
+    ``q [B,Hq,d]``; ``pages``: the summary's ``kmin``/``kmax [B,Hkv,n_pages,d]`` of pages
+    ``first_page ..`` (any float dtype); ``regions``: the cache's sink, mid and tail. Needs
+    ``0 < n_take < n_pages`` (a budget covering mid is exact attention) and ``fits(n_take, page_size)``.
+    The ``n_take`` pages of largest bound, ties to the smaller page, exactly as the SPEC says.
+    ``tile``: how many sub-block maxima and candidate pages the threshold kernel keeps in registers (a
+    power of two >= ``SUB_BLOCK``; None: ``select_tile(n_take)``); rows past it take the kernel's
+    chunked path (tests shrink it to reach that path). ``chained``: the two kernels, and the decode
+    after them, launch as programmatic dependents (``launch.chains_launches`` says where that works).
+    """
+    kmin, kmax = pages.kmin, pages.kmax
+    B, Hkv, n_pages = kmin.shape[:3]
+    if not 0 < n_take < n_pages:
+        raise ValueError(f"page_read_set needs 0 < n_take < n_pages, got {n_take} of {n_pages}")
+    if not fits(n_take, page_size):
+        raise ValueError(f"{n_take} pages of {page_size} tokens exceed one program's tile ({MAX_TILE})")
+    dev = q.device
+    n_anchor = regions.n_anchor
+    R = n_anchor + n_take * page_size
+    block_k = p2(n_take + 1)
+    rows = B * Hkv
+    tile = tile or select_tile(n_take)
+    u, bm = page_bounds(q, kmin, kmax, tau, sub_block=SUB_BLOCK, chained=chained)
+    n_sb = triton.cdiv(n_pages, SUB_BLOCK)
+    idx = torch.empty(B, Hkv, R, dtype=torch.int64, device=dev)
+    n_sel = torch.empty(B, Hkv, dtype=torch.int64, device=dev)
+    n_read64 = torch.empty_like(n_sel)
+    n_read32 = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+    work = torch.empty(rows, 2 * n_pages + n_sb, dtype=torch.int64, device=dev)
+    chosen = torch.empty(rows, block_k, dtype=torch.int32, device=dev)
+    select_pages_kernel[(rows,)](
+        u, bm, work, chosen, idx, n_sel, n_read64, n_read32, n_pages, u.stride(-2), n_sb, bm.stride(-2),
+        n_take, R, first_page, page_size, regions.sink_end, regions.mid_start, regions.mid_end, n_anchor,
+        SB=SUB_BLOCK, CH=tile, CHS=tile // SUB_BLOCK, BLOCK_K=block_k, BLOCK_T=p2(page_size), BLOCK_A=p2(n_anchor),
+        BLOCK_PAD=p2(2 * page_size), num_warps=select_warps, GDC=chained, **(dict(launch_pdl=True) if chained else {}),
+    )
+    return KernelReadSet(idx, n_sel, n_anchor, n_read64, n_read32, chained)
