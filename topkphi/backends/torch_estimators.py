@@ -125,15 +125,25 @@ class ClusterOps(EstimatorOps):
         n_clusters = cfg.n_clusters
         label = torch.gather(st.labels, 2, reads.idx.clamp(min=0)).to(torch.int64)
         label = torch.where(retrieved & (label >= 0), label, n_clusters)  # column C: not a retrieved member
-        onehot = torch.nn.functional.one_hot(label, n_clusters + 1)[..., :n_clusters].to(F32)  # [B,H,R,C]
-        members = onehot.transpose(-1, -2)
-        left = st.count - onehot.sum(2)  # n'_c: retrieved members are read exactly
+        # sums of the retrieved members per cluster by scatter-add: a few thousand rows into C (+1 dump)
+        # rows, without the one-hot matrix and its two thin fp32 products
+        shape = (*label.shape[:2], n_clusters + 1)
+        taken = torch.zeros(shape, dtype=F32, device=label.device).scatter_add_(2, label, retrieved.to(F32))
+        k_taken = _scatter_rows(label, k_read, shape)
+        v_taken = _scatter_rows(label, v_read, shape)
+        left = st.count - taken[..., :n_clusters]  # n'_c: retrieved members are read exactly
         live = left > 0
         safe = torch.where(live, left, 1.0)[..., None]
-        mu = (st.ksum - members @ k_read) / safe
-        vbar = (st.vsum - members @ v_read) / safe
+        mu = (st.ksum - k_taken[:, :, :n_clusters]) / safe
+        vbar = (st.vsum - v_taken[:, :, :n_clusters]) / safe
         logit = torch.log(safe[..., 0])[:, :, None] + tau * q_g @ mu.transpose(-1, -2) + st.beta[:, :, None]
         return ops.logit_sums(logit.masked_fill(~live[:, :, None], NEG_INF), vbar)
+
+
+def _scatter_rows(label: torch.Tensor, rows: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``out [B,H,C+1,e]``: ``rows [B,H,R,e]`` summed by ``label [B,H,R]``."""
+    index = label[..., None].expand(-1, -1, -1, rows.shape[-1])
+    return torch.zeros((*shape, rows.shape[-1]), dtype=F32, device=rows.device).scatter_add_(2, index, rows)
 
 
 class CompactOps(EstimatorOps):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from topkphi.backends.torch_backend import TorchBackend
-from topkphi.backends.torch_ops import read_rows
+from topkphi.backends.torch_ops import gather_tokens
 from topkphi.config import Config
 from topkphi.step import ReadSet, StepPlan, plan_step
 from topkphi.summary import Summary
@@ -129,8 +129,13 @@ class TritonBackend(TorchBackend):
     @staticmethod
     def _outside_estimate(q, k, v, reads: ReadSet, ops, summary: Summary, cfg: Config, tau: float) -> Estimate:
         """The estimator ops' ``(lam, n_phi, d_phi)`` over the read set's rows, as the kernel's extra state."""
-        rows = read_rows(q, k, v, reads, tau)
-        return Estimate.of(*ops.estimate(rows.q_g, rows.k_read, rows.v_read, rows.retrieved, reads, summary, cfg, tau))
+        # only T's rows: the estimators subtract the retrieved tokens and never read the anchors or scores
+        retrieved_only = ReadSet(reads.selected, reads.n_selected, 0)
+        batch, n_q, d = q.shape
+        q_g = q.to(torch.float32).reshape(batch, k.shape[1], n_q // k.shape[1], d)
+        k_t, v_t = gather_tokens(k, retrieved_only.idx), gather_tokens(v, retrieved_only.idx)
+        lam, n_phi, d_phi = ops.estimate(q_g, k_t, v_t, retrieved_only.idx >= 0, retrieved_only, summary, cfg, tau)
+        return Estimate.of(lam, n_phi, d_phi)
 
 
 __all__ = ["TritonBackend", "TritonPath", "TritonTuning", "triton_path"]

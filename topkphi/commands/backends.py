@@ -18,11 +18,13 @@ def backends(as_json: bool) -> None:
         click.echo(json.dumps([{"backend": n, "available": ok, "install": hint} for n, ok, hint in rows]))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="topkphi backends")
     for column in ("backend", "available", "how to get it"):
         table.add_column(column)
     for name, ok, hint in rows:
-        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", "" if ok else hint)
+        # escaped: rich reads `[torch]` in `pip install "topkphi[torch]"` as markup and drops it
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", "" if ok else escape(hint))
     Console().print(table)

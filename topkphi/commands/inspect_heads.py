@@ -10,9 +10,19 @@ from pathlib import Path
 
 import click
 
-from topkphi.commands.calibrate import check_phi_options, load_layer_maps, phi_file_option
 from topkphi.commands.errors import user_errors
-from topkphi.commands.runtime import RUNTIMES, resolve_runtime
+from topkphi.commands.options import (
+    backend_option,
+    budget_options,
+    check_phi_options,
+    config_from_options,
+    estimator_options,
+    model_option,
+    output_path,
+    require_module,
+    seed_option,
+)
+from topkphi.commands.runtime import check_phi_model, read_phi_file, resolve_runtime
 from topkphi.config import per_layer_config
 
 MIN_MID = 4  # mid tokens the earliest inspected step needs for there to be anything to inspect
@@ -41,28 +51,15 @@ def check_length(n_tokens: int, n_sink: int, n_tail: int, n_queries: int) -> Non
         )
 
 
-def capture_prompt(model: str, backend: str, text: str, n_sink: int, n_tail: int, n_queries: int):
-    """``(layers, n_tokens, runtime, net)``: every attention layer's q/k/v on the prompt, and the model."""
-    runtime = resolve_runtime(backend)
-    if runtime.framework == "torch":
-        import torch
+def capture_prompt(runtime, net, tokenizer, text: str, n_sink: int, n_tail: int, n_queries: int,
+                   n_rows: int | None = None):
+    """``(layers, n_tokens)``: every attention layer's q/k/v on the prompt (the last ``n_rows`` queries,
+    default ``n_queries``; fitted summaries fit from rows before the inspected ones)."""
+    from topkphi.models.tokenize import encode_long
 
-        from topkphi.capture import capture_torch
-        from topkphi.models.resolve import load_torch_model
-
-        net, tokenizer = load_torch_model(model, device=runtime.device)
-        ids = list(tokenizer.encode(text))
-        check_length(len(ids), n_sink, n_tail, n_queries)
-        return capture_torch(net, torch.tensor([ids], device=runtime.device), n_queries), len(ids), runtime, net
-    import mlx.core as mx
-
-    from topkphi.capture import capture_mlx
-    from topkphi.models.resolve import load_mlx_model
-
-    net, tokenizer = load_mlx_model(model)
-    ids = list(tokenizer.encode(text))
+    ids = encode_long(tokenizer, text)
     check_length(len(ids), n_sink, n_tail, n_queries)
-    return capture_mlx(net, mx.array([ids]), n_queries), len(ids), runtime, net
+    return runtime.capture(net, ids, n_rows or n_queries), len(ids)
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -117,22 +114,13 @@ def _clean(x):
 
 
 @click.command("inspect-heads")
-@click.option("--model", "-m", default="smollm2-135m", show_default=True,
-              help="Alias, local HF folder, .gguf file or hub id.")
+@model_option
 @click.option("--prompt-file", default=None, help="Text file to run ('-' reads stdin).")
 @click.option("--text", default=None, help="The prompt itself.")
-@click.option("--backend", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-              help="auto: CUDA if present, else MLX on Metal, else torch on the CPU, else MLX on the CPU.")
-@click.option("--top-k", type=int, default=256, show_default=True, help="Retrieved mid tokens per KV head.")
-@click.option("--n-sink", type=int, default=4, show_default=True, help="First tokens always read exactly.")
-@click.option("--n-tail", type=int, default=64, show_default=True, help="Last tokens always read exactly.")
-@click.option("--selection", type=click.Choice(["exact", "page"]), default="page", show_default=True,
-              help="How Top-K is found: scoring every key, or Quest-style page bounds.")
-@click.option("--page-size", type=int, default=16, show_default=True)
-@click.option("--feature-map", type=click.Choice(["prf", "taylor2", "learned"]), default="prf", show_default=True,
-              help="The completion compared with Top-K only.")
-@click.option("--n-features", type=int, default=64, show_default=True, help="Feature-map size m.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random features.")
+@backend_option
+@budget_options
+@estimator_options(dense=False)
+@seed_option
 @click.option("--n-queries", type=int, default=8, show_default=True,
               help="Decode steps inspected: the last positions of the prompt.")
 @click.option("--max-dropped-mass", type=float, default=0.05, show_default=True,
@@ -141,12 +129,12 @@ def _clean(x):
               help="Heads shown in the table, highest entropy first (0: all).")
 @click.option("--json", "json_out", default=None, help="Write the full report as JSON here ('-': stdout, no table).")
 @click.option("--csv", "csv_out", default=None, help="Write one row per head as CSV here.")
-@click.option("--plot", "plot_out", default=None, help="Write PNG heatmaps (layers x heads) of entropy and phi gain.")
-@phi_file_option
+@click.option("--plot", "plot_out", default=None,
+              help="Write PNG heatmaps (layers x heads) of entropy and phi gain (needs matplotlib: [plot]).")
 @user_errors
-def inspect_heads(model, prompt_file, text, backend, top_k, n_sink, n_tail, selection, page_size, feature_map,
-                  n_features, seed, n_queries, max_dropped_mass, max_rows, json_out, csv_out, plot_out,
-                  phi_file) -> None:
+def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, selection, page_size, feature_map,
+                  n_features, phi_file, seed, n_queries, max_dropped_mass, max_rows, json_out, csv_out,
+                  plot_out) -> None:
     """Per layer and head: attention entropy, mass kept by sink + tail + Top-K, and Top-K only vs Top-K + phi."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -159,17 +147,34 @@ def inspect_heads(model, prompt_file, text, backend, top_k, n_sink, n_tail, sele
     if not 0.0 <= max_dropped_mass < 1.0:
         raise ValueError("--max-dropped-mass must be in [0, 1)")
     check_phi_options(feature_map, phi_file)
-    cfg = topkphi.Config(n_sink=n_sink, n_tail=n_tail, top_k=top_k, selection=selection, page_size=page_size,
-                         feature_map=None if feature_map == "learned" else feature_map, n_features=n_features,
-                         seed=seed)
+    if feature_map == "none":
+        raise click.UsageError("--feature-map none leaves nothing to compare with Top-K only: pick an estimator")
+    cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed)
     prompt = read_prompt(prompt_file, text)
-    err = Console(stderr=True, highlight=False)
-    with err.status(f"running {model} on the prompt"):
-        layers, n_tokens, runtime, net = capture_prompt(model, backend, prompt, n_sink, n_tail, n_queries)
-    layer_cfg = lambda i: cfg  # noqa: E731
+    # every option is checked before the model loads and the analysis runs (minutes on a long prompt)
+    json_path = output_path(json_out, "--json")
+    csv_path = output_path(csv_out, "--csv")
+    plot_path = output_path(plot_out, "--plot", ".png")
+    if plot_path is not None:
+        require_module("matplotlib", "--plot", "plot")
+    maps = meta = None
     if phi_file is not None:
-        warn = lambda text: err.print(f"[dim]{text}[/dim]")  # noqa: E731
-        layer_cfg = per_layer_config(cfg, load_layer_maps(phi_file, net, model, runtime.framework, cfg, warn))
+        maps, meta = read_phi_file(phi_file)
+    err = Console(stderr=True, highlight=False)
+    runtime = resolve_runtime(backend)
+    with err.status(f"running {model} on the prompt"):
+        net, tokenizer = runtime.load(model)
+        layers, n_tokens = capture_prompt(runtime, net, tokenizer, prompt, n_sink, n_tail, n_queries,
+                                          n_queries + (cfg.fit_window if cfg.fitted else 0))
+    layer_cfg = lambda i: cfg  # noqa: E731
+    if maps is not None:
+        check_phi_model(phi_file, meta, runtime, net, model, cfg, lambda note: err.print(note, style="dim",
+                                                                                          markup=False))
+        layer_cfg = per_layer_config(cfg, maps)
+    if n_tokens - n_queries + 1 <= n_sink + n_tail + top_k:
+        err.print(f"note: at the inspected steps the prompt ({n_tokens} tokens) fits in sink + tail + top-k "
+                  f"({n_sink + n_tail + top_k}): Top-K takes the whole mid, so both methods are exact attention",
+                  style="dim", markup=False, soft_wrap=True)
     positions = list(range(n_tokens - n_queries, n_tokens))
     rows = []
     columns = (TextColumn("[dim]layers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -195,18 +200,18 @@ def inspect_heads(model, prompt_file, text, backend, top_k, n_sink, n_tail, sele
     if json_out == "-":
         click.echo(json.dumps(report, indent=2))
     else:
-        if json_out:
-            Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        if json_path is not None:
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
         title = (f"{model} on {runtime.device}: N={n_tokens}, last {n_queries} positions; sink {n_sink} + tail "
                  f"{n_tail} + top-k {top_k} ({selection}) + {feature_map} vs top-k "
                  f"{report['config']['top_k_matched']}; dropped-mass limit {max_dropped_mass}")
         print_table(Console(highlight=False), rows, summary, title, max_rows)
-    if csv_out:
-        with open(csv_out, "w", newline="") as fh:
+    if csv_path is not None:
+        with open(csv_path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(report["heads"][0]))
             writer.writeheader()
             writer.writerows(report["heads"])
-    if plot_out:
+    if plot_path is not None:
         from topkphi.analysis.plots import plot_heads
 
-        plot_heads(rows, plot_out, title=f"{model}: N={n_tokens}, top-k {top_k}, {feature_map}")
+        plot_heads(rows, plot_path, title=f"{model}: N={n_tokens}, top-k {top_k}, {feature_map}")

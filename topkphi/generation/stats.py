@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# what each field of the stats line means (chat's `h` prints it)
+LEGEND = (
+    "Stats line: prefill = prompt tokens run this turn (cached ones are reused) and their speed; decode = reply "
+    "tokens and their speed; KV read = mean share of the KV cache one decode step reads, in token-equivalents "
+    "(sink + tail + Top-K exactly, plus the summary and the selection's reads; 100% = dense); rho = mean share "
+    "of the attention mass the estimate put on the tokens not read; phi fit = time spent fitting per-prompt maps."
+)
+
 
 @dataclass
 class GenerationStats:
@@ -13,7 +21,7 @@ class GenerationStats:
     decode_s: float = 0.0
     read_fraction: float = 1.0  # mean token-equivalents read per decode step / context
     rho: float | None = None  # mean estimated unretrieved mass; None for dense
-    fit_s: float = 0.0  # per-prompt phi fit (capture + fit) before this reply's prefill
+    fit_s: float = 0.0  # per-prompt phi fit before this reply's decode (the capture counts as prefill)
 
     @property
     def prefill_tps(self) -> float:
@@ -23,12 +31,26 @@ class GenerationStats:
     def decode_tps(self) -> float:
         return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
-    def line(self) -> str:
+    def fields(self) -> list[str]:
         rho = "dense" if self.rho is None else f"rho {self.rho:.3f}"
-        fit = f"phi fit {self.fit_s:.1f} s | " if self.fit_s > 0 else ""
-        return (f"{fit}prefill {self.prompt_tokens} tok @ {self.prefill_tps:.1f} tok/s | "
-                f"decode {self.generated_tokens} tok @ {self.decode_tps:.1f} tok/s | "
-                f"KV read/step {self.read_fraction:.1%} | {rho}")
+        out = [f"phi fit {self.fit_s:.1f} s"] if self.fit_s > 0 else []
+        return out + [f"prefill {self.prompt_tokens} tok @ {_speed(self.prefill_tps)} tok/s",
+                      f"decode {self.generated_tokens} tok @ {_speed(self.decode_tps)} tok/s",
+                      f"KV read {self.read_fraction:.1%}", rho]
+
+    def line(self, width: int = 80) -> str:
+        """The fields joined by `` | ``, broken between fields (never inside one) to lines of ``width``."""
+        lines: list[str] = []
+        for field in self.fields():
+            if lines and len(lines[-1]) + 3 + len(field) <= width:
+                lines[-1] += " | " + field
+            else:
+                lines.append(field)
+        return "\n".join(lines)
+
+
+def _speed(tps: float) -> str:
+    return f"{tps:.0f}" if tps >= 100 else f"{tps:.1f}"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from topkphi.backends.base import Backend
@@ -26,13 +29,25 @@ def sample(logits: torch.Tensor, temp: float, top_p: float, generator: torch.Gen
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@functools.lru_cache(maxsize=8)
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 class TorchEngine(Engine):
     """An HF transformers model; ``cfg=None`` decodes densely, otherwise through topkphi."""
 
     def __init__(self, model, tokenizer, cfg: Config | None, backend: Backend | None, **kw) -> None:
         super().__init__(model, tokenizer, cfg, backend, **kw)
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.eos = _eos_ids(model, tokenizer)
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        cfg = self.model.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return d, d
 
     def _new_cache(self):
         from transformers import DynamicCache
@@ -41,19 +56,47 @@ class TorchEngine(Engine):
             return DynamicCache(config=self.model.config)
         return TopKPhiCache(self.model, self.cfg, self.backend)
 
-    def _cached_length(self) -> int:
-        return self.cache.get_seq_length()
+    def _layer_lengths(self) -> list[int]:
+        return [layer.get_seq_length() for layer in self.cache.layers]
 
-    def _crop(self, n: int) -> None:
-        for layer in self.cache.layers:
-            layer.crop(-n)
+    def _crop_layers(self, length: int) -> None:
+        with torch.inference_mode():  # the cache's tensors were made in inference mode
+            for layer in self.cache.layers:
+                extra = layer.get_seq_length() - length
+                if extra > 0:
+                    layer.crop(-extra)
 
     def _route(self):
         return topkphi_attention(self.model)
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
-        input_ids = torch.tensor([ids], device=self.device)
-        return self.model(input_ids=input_ids, **cache_kwargs(self.model, self.cache), use_cache=True).logits[0, -1]
+        """Next-token logits after ``ids``; only the last position's are computed (a prefill skips the
+        LM head everywhere else: 49k x 576 per token for SmolLM2)."""
+        kwargs = cache_kwargs(self.model, self.cache)
+        if _takes_logits_to_keep(type(self.model)):
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode():
+            input_ids = torch.tensor([ids], device=self.device)
+            return self.model(input_ids=input_ids, **kwargs, use_cache=True).logits[0, -1]
+
+    def _to_numpy(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.float().cpu().numpy()
+
+    def _native(self, x) -> torch.Tensor:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def _load_layers(self, layers) -> None:
+        with torch.inference_mode():
+            for i, (k, v) in enumerate(layers):
+                self.cache.update(self._native(k), self._native(v), i)
+
+    def _layer_kv(self) -> list[tuple]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def _totals(self) -> tuple[float, float]:
+        return self.cache.totals.means()
 
     def stream(self, prompt: list[int], max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
                seed: int | None = None) -> Iterator[str]:
@@ -65,18 +108,21 @@ class TorchEngine(Engine):
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         self._fit_prompt(prompt)
-        with torch.inference_mode(), self.routing():
-            new = self._reuse_cache(prompt)
+        new = self._reuse_cache(prompt)
+        reply: list[int] = []
+        self.stats = GenerationStats(prompt_tokens=len(new))
+        decode_start = None
+        try:
             start = time.perf_counter()
-            logits = self._forward(new)
+            with self.routing():
+                logits = self._forward(new)
             _sync(self.device)
-            self.stats = GenerationStats(prompt_tokens=len(new), prefill_s=time.perf_counter() - start,
-                                         fit_s=self.fit_s)
+            self.stats.prefill_s = time.perf_counter() - start
+            self._add_prefilled(self.stats)
             if self.cfg is not None:
                 self.cache.totals.clear()  # count this reply's decode steps only
-            reply: list[int] = []
             shown = ""
-            start = time.perf_counter()
+            decode_start = time.perf_counter()
             for _ in range(max_tokens):
                 token = sample(logits, temp, top_p, generator)
                 if token in self.eos:
@@ -87,14 +133,16 @@ class TorchEngine(Engine):
                     yield text[len(shown):]
                     shown = text
                 if len(reply) < max_tokens:  # the last token enters the cache with the next turn
-                    logits = self._forward([token])
+                    with self.routing():
+                        logits = self._forward([token])
             _sync(self.device)
-            self.stats.decode_s = time.perf_counter() - start
-            self.stats.generated_tokens = len(reply)
-            self.tokens = prompt + reply
-            if self.cfg is not None:
-                self.stats.rho, self.stats.read_fraction = self.cache.totals.means()
-
+        finally:  # an interrupted reply reports what it did, and leaves a consistent cache
+            if decode_start is not None:
+                self.stats.decode_s = time.perf_counter() - decode_start
+                self.stats.generated_tokens = len(reply)
+                if self.cfg is not None:
+                    self.stats.rho, self.stats.read_fraction = self.cache.totals.means()
+            self._settle(prompt + reply)
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
