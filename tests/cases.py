@@ -72,6 +72,7 @@ def random_case(
     if feature_map == "learned":
         fmap = learned_map(rng, n_kv, cfg_fields.pop("n_features", 16), d)
     cfg_fields.setdefault("n_features", 16)
+    cfg_fields.setdefault("selection", "exact")  # the matrix names every other selector it runs
     cfg = topkphi.Config(feature_map=fmap, **{"n_sink": 4, "n_tail": 16, "top_k": 32, **cfg_fields})
     return Case(q, k, v, cfg, ref_q)
 

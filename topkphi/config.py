@@ -15,6 +15,10 @@ SELECTIONS = ("exact", "page", "compact")
 # fitted summaries (SPEC 8): estimators fitted in closed form at prefill, not feature maps
 FITTED_ESTIMATORS = ("cluster", "compact")
 ESTIMATORS = (*FEATURE_MAP_KINDS, *FITTED_ESTIMATORS)
+# feature_map's default follows the selector: the compact tokens' own estimate for compact selection;
+# Top-K only for page and exact (PRF measured worse than spending its reads on Top-K; clusters need
+# reference queries, which a caller of the raw API may not have: ask for them by name)
+DEFAULT_ESTIMATOR = "default"
 
 
 class Dims(NamedTuple):
@@ -43,9 +47,11 @@ class Config:
     n_sink: int = 4
     n_tail: int = 64
     top_k: int = 256
-    selection: str = "exact"
+    # the best measured deployable pair (docs/RESULTS.md, "Fitted summaries"): compact page tokens
+    # select the pages and estimate the unread ones; PRF, taylor2, learned and clusters stay options
+    selection: str = "compact"
     page_size: int = 16
-    feature_map: str | FeatureMap | None = "prf"
+    feature_map: str | FeatureMap | None = DEFAULT_ESTIMATOR
     n_features: int = 64
     seed: int = 0
     scale: float | None = None
@@ -74,6 +80,8 @@ class Config:
             raise ValueError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {self.scale!r}")
+        if self.feature_map == DEFAULT_ESTIMATOR:
+            object.__setattr__(self, "feature_map", "compact" if self.selection == "compact" else None)
         fmap = self.feature_map
         if isinstance(fmap, str):
             if fmap not in ESTIMATORS:

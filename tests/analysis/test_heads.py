@@ -58,7 +58,7 @@ def constructed_case(n_tokens=40, hot=(10, 20, 30), big=3.0):
 def test_dropped_mass_equals_the_analytic_value():
     n_tokens, hot, big = 40, (10, 20, 30), 3.0
     q, k = constructed_case(n_tokens, hot, big)
-    cfg = topkphi.Config(n_sink=2, n_tail=4, top_k=2, selection="exact", scale=1.0)
+    cfg = topkphi.Config(feature_map="prf", n_sink=2, n_tail=4, top_k=2, selection="exact", scale=1.0)
     regions = Regions.of(n_tokens, cfg.n_sink, cfg.n_tail)
     p = attention_probs(q, k, 1.0)
     z = len(hot) * math.exp(big) + (n_tokens - len(hot))
@@ -83,7 +83,8 @@ def test_oracle_selection_and_budget_ranking_agree():
     rng = np.random.default_rng(3)
     q, k, v = rng.standard_normal((4, 16)), rng.standard_normal((2, 200, 16)), rng.standard_normal((2, 200, 16))
     for selection, top_k in (("exact", 37), ("page", 48)):
-        cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=top_k, selection=selection, page_size=16, scale=0.25)
+        cfg = topkphi.Config(feature_map="prf", n_sink=4, n_tail=16, top_k=top_k, selection=selection, page_size=16,
+                             scale=0.25)
         step = inspect_step(q, k, v, cfg, 0.05)
         regions = Regions.of(200, 4, 16)
         budgets, dropped = dropped_by_budget(q, k, attention_probs(q, k, 0.25), regions, cfg, 0.25)
@@ -113,7 +114,8 @@ def test_pearson_is_none_for_constant_inputs():
 def test_budget_covering_the_context_is_exact_attention():
     rng = np.random.default_rng(1)
     q, k, v = rng.standard_normal((2, 8)), rng.standard_normal((1, 30, 8)), rng.standard_normal((1, 30, 8))
-    step = inspect_step(q, k, v, topkphi.Config(n_sink=2, n_tail=4, top_k=1000, scale=0.3), 0.05)
+    step = inspect_step(q, k, v, topkphi.Config(selection="exact", feature_map="prf", n_sink=2, n_tail=4,
+                                                top_k=1000, scale=0.3), 0.05)
     assert np.allclose(step["dropped_mass"], 0.0) and np.allclose(step["rho"], 0.0)
     assert np.all(step["err_phi"] < 1e-12) and np.all(step["err_top_k"] < 1e-12)
     assert np.all(np.isnan(step["mid_mass_error"]))
@@ -130,7 +132,7 @@ def test_layer_report_averages_steps_and_phi_helps_diffuse_heads():
     q[:, [1, 3]] = 6.0 * k[:, :, None, 100:103].transpose(0, 1, 2, 3, 4)[:, :, 0]  # sharp on keys 100..102
     capture = LayerCapture(q=q, k=k, v=v, scale=d**-0.5)
     rows = inspect_layer(capture, 3, [n_tokens - 3, n_tokens - 2, n_tokens - 1],
-                         topkphi.Config(n_sink=4, n_tail=16, top_k=16, selection="exact"), 0.05)
+                         topkphi.Config(feature_map="prf", n_sink=4, n_tail=16, top_k=16, selection="exact"), 0.05)
     assert [(r.layer, r.q_head, r.kv_head) for r in rows] == [(3, 0, 0), (3, 1, 0), (3, 2, 1), (3, 3, 1)]
     diffuse, sharp = rows[0], rows[1]
     assert diffuse.entropy > 0.9 > sharp.entropy

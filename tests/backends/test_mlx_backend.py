@@ -250,9 +250,9 @@ def test_bad_inputs_raise():
 
 
 def test_path_choice_is_pure_mlx_here(monkeypatch):
-    ops = MLX.estimator_ops(topkphi.Config(feature_map="prf", n_features=16))
-    prf = ops.params(topkphi.Config(feature_map="prf", n_features=16), 64, 2)
-    taylor = ops.params(topkphi.Config(feature_map="taylor2"), 64, 2)
+    ops = MLX.estimator_ops(topkphi.Config(selection="exact", feature_map="prf", n_features=16))
+    prf = ops.params(topkphi.Config(selection="exact", feature_map="prf", n_features=16), 64, 2)
+    taylor = ops.params(topkphi.Config(selection="exact", feature_map="taylor2"), 64, 2)
     q, k = mx.zeros((1, 4, 64)), mx.zeros((1, 2, 30, 64))
     assert mlx_backend.use_metal(q, k, k, prf) == METAL_DEFAULT
     assert mlx_backend.use_metal(q, k, k, None) == METAL_DEFAULT  # exact reads only; estimates merge after

@@ -206,7 +206,7 @@ def test_append_bf16_matches_oracle_summary():
 
 
 def test_exact_ties_go_to_the_smaller_index():
-    cfg = topkphi.Config(n_sink=2, n_tail=2, top_k=5, feature_map=None)
+    cfg = topkphi.Config(selection="exact", n_sink=2, n_tail=2, top_k=5, feature_map=None)
     k = torch.ones(1, 1, 30, 8)
     k[0, 0, 20] = 2.0  # the one clear winner; every other mid key ties
     q, v = torch.ones(1, 2, 8), torch.randn(1, 1, 30, 8)

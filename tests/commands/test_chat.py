@@ -284,7 +284,8 @@ def test_default_model_answers_in_one_shot_mode(backend):
 @pytest.mark.skipif(not HAS_MLX, reason="mlx and mlx-lm are not installed")
 def test_interactive_commands_and_multi_turn():
     session = "h\nWhat is the capital of France? One word.\nAnd of Italy? One word.\nr\nq\n"
-    result = run("--backend", "mlx", "--max-tokens", "8", "--top-k", "16", "--n-tail", "8", stdin=session)
+    result = run("--backend", "mlx", "--max-tokens", "8", "--top-k", "16", "--n-tail", "8", "--selection", "exact",
+                 "--feature-map", "prf", stdin=session)
     assert result.exit_code == 0, result.output
     assert result.output.count("Commands:") >= 2  # the banner and the 'h' answer
     assert "Paris" in result.output and "Rome" in result.output  # the second turn saw the first

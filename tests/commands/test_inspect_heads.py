@@ -70,6 +70,7 @@ HEAD_FIELDS = {
 def test_tiny_model_end_to_end(tiny_model, tmp_path):
     out_json, out_csv, out_png = tmp_path / "heads.json", tmp_path / "heads.csv", tmp_path / "plots" / "heads.png"
     result = run("--backend", tiny_model, "--text", TEXT, "--top-k", "16", "--n-tail", "16", "--page-size", "8",
+                 "--selection", "exact", "--feature-map", "prf",
                  "--n-queries", "3", "--json", str(out_json), "--csv", str(out_csv), "--plot", str(out_png))
     assert result.exit_code == 0, result.output
     assert "H/logN" in result.output and "phi helps in" in result.output and "corr(entropy, gain)" in result.output

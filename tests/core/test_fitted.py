@@ -166,7 +166,7 @@ def test_bad_fitted_inputs_say_what_is_wrong():
     with pytest.raises(ValueError, match="fit_window"):
         topkphi.Config(fit_window=0)
     with pytest.raises(ValueError, match="selection='compact'"):
-        topkphi.Config(feature_map="compact")
+        topkphi.Config(selection="page", feature_map="compact")
     case = random_case(11, n_tokens=100, feature_map="cluster")
     with pytest.raises(ValueError, match="reference queries"):
         ORACLE.build_summary(case.k, case.v, case.cfg)

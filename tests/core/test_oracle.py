@@ -191,9 +191,9 @@ def test_rho_is_mass_fraction_and_reads_follow_spec():
 
 
 def test_matched_top_k_gives_the_summary_share_as_tokens():
-    cfg = topkphi.Config(top_k=64, n_features=64)
+    cfg = topkphi.Config(selection="exact", feature_map="prf", top_k=64, n_features=64)
     assert topkphi.matched_top_k(cfg, 64) == 64 + math.ceil(64 * 65 / 128)
-    assert topkphi.matched_top_k(topkphi.Config(top_k=64, feature_map=None), 64) == 64
+    assert topkphi.matched_top_k(topkphi.Config(selection="exact", top_k=64, feature_map=None), 64) == 64
 
 
 def test_completion_recovers_mass_that_top_k_drops():
@@ -206,8 +206,8 @@ def test_completion_recovers_mass_that_top_k_drops():
     v[:, :, -16:] -= 1.0
     q = 0.05 * rng.standard_normal((1, 1, d))
     ref = ORACLE.dense(q, k, v)
-    topk = topkphi.Config(n_sink=4, n_tail=16, top_k=16, feature_map=None)
-    phi = topkphi.Config(n_sink=4, n_tail=16, top_k=16, feature_map="prf", n_features=64)
+    topk = topkphi.Config(selection="exact", n_sink=4, n_tail=16, top_k=16, feature_map=None)
+    phi = topkphi.Config(selection="exact", n_sink=4, n_tail=16, top_k=16, feature_map="prf", n_features=64)
     err_topk = rel_err(run(type("C", (), {"q": q, "k": k, "v": v, "cfg": topk})())[0], ref)
     err_phi = rel_err(run(type("C", (), {"q": q, "k": k, "v": v, "cfg": phi})())[0], ref)
     assert err_phi < 0.2 * err_topk

@@ -53,7 +53,7 @@ def test_end_to_end_on_the_tiny_model(tiny, tmp_path):
     out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
     result = run("--tasks", "niah_single,vt,kl,attn", "--budgets", "16", "--context", "900", "--samples", "1",
                  "--n-tail", "16", "--page-size", "8", "--n-features", "16", "--kl-tokens", "6",
-                 "--json", str(out_json), "--plot", str(out_png))
+                 "--selection", "exact", "--feature-map", "prf", "--json", str(out_json), "--plot", str(out_png))
     assert result.exit_code == 0, result.output
     assert "niah_single" in result.output and "KL" in result.output and "entropy tercile" in result.output
     report = json.loads(out_json.read_text())
@@ -77,7 +77,8 @@ def test_full_budget_methods_equal_dense(tiny):
 
     runner = resolve_runtime("torch").runner(tiny_llama(), CharTokenizer())
     spec = EvalSpec(methods=["topk", "topk+phi"], budgets=[2048], tasks=["niah_single", "kl"], contexts=[700],
-                    samples=1, base=topkphi.Config(n_sink=4, n_tail=16, selection="exact"), kl_tokens=4)
+                    samples=1, base=topkphi.Config(feature_map="prf", n_sink=4, n_tail=16, selection="exact"),
+                        kl_tokens=4)
     rows = evaluate(runner, spec)["rows"]
     answers = {r["method"]: r["prediction"] for r in rows if r["task"] == "niah_single"}
     assert answers["topk"] == answers["topk+phi"] == answers["dense"]
@@ -85,7 +86,7 @@ def test_full_budget_methods_equal_dense(tiny):
 
 
 def test_matched_reads_arithmetic():
-    base = topkphi.Config(n_sink=4, n_tail=64, selection="page", page_size=16, n_features=64)
+    base = topkphi.Config(feature_map="prf", n_sink=4, n_tail=64, selection="page", page_size=16, n_features=64)
     phi, top, sink = (policy(m, 64, base, 2048, 64, 64) for m in ("topk+phi", "topk", "sink-tail"))
     assert top.cfg.top_k == 64 + 33 and top.cfg.feature_map is None  # ceil(64 * 65 / 128)
     assert sink.cfg.n_tail == int(-(-phi.planned_reads // 1)) - 4 and sink.planned_reads >= phi.planned_reads
@@ -150,7 +151,8 @@ def test_mlx_runner_on_the_tiny_model():
 
     runner = resolve_runtime("mlx").runner(tiny_llama(), CharTokenizer())
     spec = EvalSpec(methods=["sink-tail", "topk+phi"], budgets=[16], tasks=["niah_single", "kl"], contexts=[600],
-                    samples=1, base=topkphi.Config(n_sink=4, n_tail=16, page_size=8, n_features=16), kl_tokens=3)
+                    samples=1, base=topkphi.Config(selection="exact", feature_map="prf", n_sink=4, n_tail=16,
+                                                   page_size=8, n_features=16), kl_tokens=3)
     results = {(r["task"], r["method"]): r for r in evaluate(runner, spec)["results"]}
     assert results[("kl", "dense")]["kl"] == 0.0 and results[("kl", "topk+phi")]["kl"] > 0.0
     assert abs(results[("kl", "sink-tail")]["read_fraction"] - results[("kl", "topk+phi")]["read_fraction"]) < 0.01

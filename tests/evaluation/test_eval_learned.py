@@ -113,11 +113,13 @@ def results(path):
 
 def test_eval_with_a_phi_file(tiny_torch, tmp_path):
     learned, prf = tmp_path / "learned.json", tmp_path / "prf.json"
-    result = run("--backend", "torch", "--feature-map", "learned", "--phi-file", str(tiny_torch), "--json",
+    result = run("--backend", "torch", "--selection", "exact", "--feature-map", "learned", "--phi-file",
+                 str(tiny_torch), "--json",
                  str(learned), "--plot", str(tmp_path / "learned.png"))
     assert result.exit_code == 0, result.output
     assert "learned phi (m = 8), phi.safetensors" in " ".join(result.output.split())
-    assert run("--backend", "torch", "--n-features", "8", "--json", str(prf)).exit_code == 0
+    assert run("--backend", "torch", "--selection", "exact", "--feature-map", "prf", "--n-features", "8",
+               "--json", str(prf)).exit_code == 0
     report = json.loads(learned.read_text())
     assert report["config"]["phi_file"] == str(tiny_torch) and report["config"]["n_features"] == 8
     got, ref = results(learned), results(prf)
@@ -154,7 +156,7 @@ def test_bad_phi_files_are_one_line(tiny_torch, tmp_path):
     assert_usage_error(run(*learned, str(corrupt)), "corrupt")
     other = write_phi(tmp_path / "other.safetensors", torch_fingerprint(tiny_llama(heads=2, kv_heads=1), "other"))
     assert_usage_error(run(*learned, str(other)), "made for other")
-    assert_usage_error(run("--backend", "torch", "--feature-map", "learned"), "--phi-file")
+    assert_usage_error(run("--backend", "torch", "--selection", "exact", "--feature-map", "learned"), "--phi-file")
     assert_usage_error(run("--backend", "torch", "--phi-file", str(tiny_torch)), "--feature-map learned")
 
 
@@ -168,7 +170,8 @@ def test_eval_with_a_phi_file_on_mlx(monkeypatch, tmp_path):
     monkeypatch.setattr(resolve, "load_mlx_model", lambda spec, **kw: (model, CharTokenizer()))
     phi = write_phi(tmp_path / "phi.safetensors", mlx_fingerprint(model, "tiny"))
     out = tmp_path / "mlx.json"
-    result = run("--backend", "mlx", "--feature-map", "learned", "--phi-file", str(phi), "--json", str(out))
+    result = run("--backend", "mlx", "--selection", "exact", "--feature-map", "learned", "--phi-file", str(phi),
+                 "--json", str(out))
     assert result.exit_code == 0, result.output
     got = results(out)
     assert json.loads(out.read_text())["runtime"]["framework"] == "mlx"
@@ -189,7 +192,8 @@ def test_every_layer_gets_its_own_map(tiny_torch):
     out = []
     for maps in ([a[0], a[1]], [a[0], b[1]]):
         spec = EvalSpec(methods=["topk+phi"], budgets=[16], tasks=["kl", "attn"], contexts=[500], samples=1,
-                        base=topkphi.Config(n_sink=4, n_tail=16, page_size=8, feature_map=None), kl_tokens=3,
+                        base=topkphi.Config(selection="exact", n_sink=4, n_tail=16, page_size=8, feature_map=None),
+                            kl_tokens=3,
                         maps=maps)
         out.append({r["task"]: r for r in evaluate(runner, spec)["results"] if r["method"] == "topk+phi"})
     assert out[0]["attn"]["attn_err"] != pytest.approx(out[1]["attn"]["attn_err"], rel=1e-9)

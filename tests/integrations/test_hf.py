@@ -106,7 +106,8 @@ def eager_query_rows(model, chunks: list[list[int]]) -> list[torch.Tensor]:
 def test_reference_queries_are_the_prefills_last_query_rows(model, prompt, chunks):
     """The summary is fitted at the first decode step from the last fit_window rows of every prefill
     chunk, equal to the model's own post-RoPE queries; a later chat turn folds, never refits."""
-    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=32, feature_map="cluster", n_clusters=8, fit_window=32)
+    cfg = topkphi.Config(selection="exact", n_sink=4, n_tail=16, top_k=32, feature_map="cluster", n_clusters=8,
+                         fit_window=32)
     backend = topkphi.get_backend("torch")
     fits = []
     build = backend.build_summary
@@ -139,7 +140,7 @@ def test_reference_queries_are_the_prefills_last_query_rows(model, prompt, chunk
 
 def test_decode_steps_match_the_oracle(model, prompt):
     """A small budget really runs topkphi: each layer's decode equals the oracle on the same cache."""
-    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=24, selection="page", page_size=8)
+    cfg = topkphi.Config(feature_map="prf", n_sink=4, n_tail=16, top_k=24, selection="page", page_size=8)
     cache = TopKPhiCache(model, cfg, topkphi.get_backend("torch"))
     seen = []
     original = TopKPhiLayer.decode
@@ -167,7 +168,7 @@ def test_decode_steps_match_the_oracle(model, prompt):
 
 
 def test_summary_is_folded_incrementally(model, prompt):
-    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=32)
+    cfg = topkphi.Config(selection="exact", feature_map="prf", n_sink=4, n_tail=16, top_k=32)
     engine = TorchEngine(model, DigitTokenizer(), cfg, topkphi.get_backend("torch"))
     engine.generate(prompt, 8)
     layer = engine.cache.layers[0]
@@ -206,7 +207,8 @@ def test_captured_layers_give_the_reference_queries_a_cache_fits_from(model, pro
 
 def test_the_cache_layer_holds_the_state(model, prompt):
     """The attention function finds its layer through the cache update, not a tensor attribute."""
-    cache = TopKPhiCache(model, topkphi.Config(n_sink=4, n_tail=16, top_k=24), topkphi.get_backend("torch"))
+    cache = TopKPhiCache(model, topkphi.Config(selection="exact", feature_map="prf", n_sink=4, n_tail=16, top_k=24),
+                         topkphi.get_backend("torch"))
     with torch.inference_mode(), topkphi_attention(model):
         model(input_ids=torch.tensor([prompt[:40]]), **cache_kwargs(model, cache))
     layer = cache.layers[0]
@@ -238,7 +240,7 @@ def test_triton_engine_on_cuda_chained_and_plain_launches_agree(prompt):
     from topkphi.backends.triton_backend import TritonPath, TritonTuning
 
     model = tiny_llama(3).to("cuda", torch.bfloat16)
-    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=24, selection="page", page_size=8)
+    cfg = topkphi.Config(feature_map="prf", n_sink=4, n_tail=16, top_k=24, selection="page", page_size=8)
     runs = {}
     for chain in (False, True):
         backend = topkphi.get_backend("triton", tuning=TritonTuning(chain_launches=chain))
@@ -249,5 +251,5 @@ def test_triton_engine_on_cuda_chained_and_plain_launches_agree(prompt):
     assert 0.0 < runs[True][1] and runs[True][2] < 0.9  # the completion ran on a partial read set
     model = model.float()  # fp32, so that exact attention and dense agree to the last greedy token
     dense = TorchEngine(model, DigitTokenizer(), None, None).generate(prompt, 16)
-    full = topkphi.Config(n_sink=4, n_tail=16, top_k=4096, selection="page")
+    full = topkphi.Config(feature_map="prf", n_sink=4, n_tail=16, top_k=4096, selection="page")
     assert TorchEngine(model, DigitTokenizer(), full, topkphi.get_backend("triton")).generate(prompt, 16) == dense

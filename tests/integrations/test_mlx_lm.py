@@ -114,7 +114,8 @@ def eager_query_rows(model, chunks: list[list[int]]) -> list[np.ndarray]:
 def test_reference_queries_are_the_prefills_last_query_rows(model, prompt, chunks):
     """The summary is fitted at the first decode step from the last fit_window rows of every prefill
     chunk, equal to the model's own post-RoPE queries; a later chat turn folds, never refits."""
-    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=32, feature_map="cluster", n_clusters=8, fit_window=32)
+    cfg = topkphi.Config(selection="exact", n_sink=4, n_tail=16, top_k=32, feature_map="cluster", n_clusters=8,
+                         fit_window=32)
     backend = topkphi.get_backend("mlx")
     fits = []
     build = backend.build_summary
@@ -145,7 +146,7 @@ def test_reference_queries_are_the_prefills_last_query_rows(model, prompt, chunk
 
 
 def test_decode_steps_match_the_oracle(model, prompt):
-    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=24, selection="page", page_size=8)
+    cfg = topkphi.Config(feature_map="prf", n_sink=4, n_tail=16, top_k=24, selection="page", page_size=8)
     cache = make_cache(model, cfg, topkphi.get_backend("mlx"))
     seen = []
     original = TopKPhiKVCache.decode
@@ -198,4 +199,4 @@ def test_rotating_caches_are_refused(model):
             return [RotatingKVCache(max_size=64) for _ in model.layers]
 
     with pytest.raises(ValueError, match="full-attention KV caches only"):
-        make_cache(Sliding(), topkphi.Config(), topkphi.get_backend("mlx"))
+        make_cache(Sliding(), topkphi.Config(selection="exact", feature_map="prf"), topkphi.get_backend("mlx"))

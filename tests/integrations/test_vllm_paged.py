@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 import topkphi  # noqa: E402
 from topkphi.integrations.vllm import engine_kwargs  # noqa: E402
-from topkphi.integrations.vllm.options import VllmOptions  # noqa: E402
+from topkphi.integrations.vllm.options import VLLM_DEFAULT, VllmOptions  # noqa: E402
 from topkphi.integrations.vllm.paged import PlainLayout, ProbedLayout, plan_decodes  # noqa: E402
 from topkphi.integrations.vllm.store import PagedDecoder, SideMemory, SummaryStore  # noqa: E402
 
@@ -186,11 +186,11 @@ def test_options_round_trip_through_additional_config():
     cfg = topkphi.Config(top_k=128, selection="page", feature_map=None)
     kwargs = engine_kwargs(cfg, max_side_mib=64)
     assert kwargs["attention_backend"] == "CUSTOM"
-    assert kwargs["additional_config"] == {"topkphi": {"top_k": 128, "selection": "page", "feature_map": None,
-                                                       "backend": "auto", "max_side_mib": 64}}
+    # selection and feature_map are the plugin's defaults (VLLM_DEFAULT), so they do not travel
+    assert kwargs["additional_config"] == {"topkphi": {"top_k": 128, "backend": "auto", "max_side_mib": 64}}
     options = VllmOptions.from_additional_config(kwargs["additional_config"])
     assert options.config == cfg and options.max_side_bytes == 64 << 20
-    assert VllmOptions.from_additional_config({}).config == topkphi.Config()
+    assert VllmOptions.from_additional_config({}).config == VLLM_DEFAULT
 
 
 @pytest.mark.parametrize("raw, match", [

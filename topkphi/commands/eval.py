@@ -137,6 +137,9 @@ def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backen
     # the budgets are topk+phi's top_k: the first stands in for validation, each policy sets its own
     base = config_from_options(max(1, min(budget_list)), n_sink, n_tail, selection, page_size, feature_map,
                                n_features, seed)
+    if base.feature_map is None and feature_map != "learned":
+        raise click.UsageError(f"--selection {selection} has no default estimator "
+                               f"(topk+phi would be Top-K only): name one with --feature-map")
     spec = EvalSpec(methods=_names(methods, "--methods"), budgets=budget_list, tasks=_names(tasks, "--tasks"),
                     contexts=_ints(contexts, "--context"), samples=samples, seed=seed, base=base,
                     kl_tokens=kl_tokens, attn_positions=attn_positions)

@@ -150,6 +150,9 @@ def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, sele
     if feature_map == "none":
         raise click.UsageError("--feature-map none leaves nothing to compare with Top-K only: pick an estimator")
     cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed)
+    if cfg.feature_map is None and feature_map != "learned":
+        raise click.UsageError(f"--selection {selection} has no default estimator "
+                               f"(nothing would be compared with Top-K only): name one with --feature-map")
     prompt = read_prompt(prompt_file, text)
     # every option is checked before the model loads and the analysis runs (minutes on a long prompt)
     json_path = output_path(json_out, "--json")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from topkphi.config import ESTIMATORS, SELECTIONS, Config
+from topkphi.config import DEFAULT_ESTIMATOR, ESTIMATORS, SELECTIONS, Config
 from topkphi.models.resolve import DEFAULT_MODEL
 
 DEFAULTS = Config()
@@ -53,7 +53,7 @@ def estimator_names(per_prompt: bool = False) -> list[str]:
     names = list(ESTIMATORS)
     if per_prompt and "learned" in names:
         names.insert(names.index("learned") + 1, "learned-prompt")
-    return [*names, "none"]
+    return [DEFAULT_ESTIMATOR, *names, "none"]
 
 
 def budget_options(fn=None, *, top_k: bool = True, top_k_help: str = "Retrieved mid tokens per KV head."):
@@ -81,11 +81,12 @@ def estimator_options(fn=None, *, per_prompt: bool = False, dense: bool = True):
     """``--feature-map --n-features --phi-file [--dense]``; ``per_prompt`` adds ``learned-prompt`` (chat)."""
     if fn is None:
         return lambda f: estimator_options(f, per_prompt=per_prompt, dense=dense)
-    fmap_help = ("Estimate of the unread mass; none = Top-K only; learned = the maps of --phi-file"
+    fmap_help = ("Estimate of the unread mass; default = the compact tokens' own with --selection compact, none "
+                 "otherwise; none = Top-K only; learned = the maps of --phi-file"
                  + ("; learned-prompt = maps fitted on each new prompt's own queries (warm-started from --phi-file "
                     "if given)." if per_prompt else "."))
     options = [
-        click.option("--feature-map", type=click.Choice(estimator_names(per_prompt)), default=DEFAULTS.feature_map,
+        click.option("--feature-map", type=click.Choice(estimator_names(per_prompt)), default=DEFAULT_ESTIMATOR,
                      show_default=True, help=fmap_help),
         click.option("--n-features", type=int, default=DEFAULTS.n_features, show_default=True,
                      help="Feature-map size m."),

@@ -9,8 +9,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from topkphi.config import Config
 from topkphi.evaluation.policies import Policy
 from topkphi.models.tokenize import encode_long
+
+FIT_WINDOW = Config().fit_window  # query rows kept per layer for the fitted summaries
+
+
+@dataclass
+class Snapshot:
+    kv: list[tuple]  # per layer (k [1,Hkv,N,d], v), float32 NumPy
+    queries: list  # per layer the last query rows [1,Hq,<=W,d] (post-RoPE), ending at N
 
 
 @dataclass
@@ -39,15 +48,15 @@ class Runner:
         except TypeError:  # tokenizers whose decode takes the ids only
             return self.tokenizer.decode(ids)
 
-    def prefill(self, ids: list[int]) -> list[tuple]:
-        """The dense KV cache of ``ids``, per layer ``(k, v)``: every policy starts from a copy of it."""
-        engine = self.make_engine(None, None)
-        engine.feed(ids)
-        return engine.kv()
+    def prefill(self, ids: list[int]) -> Snapshot:
+        """The dense KV cache of ``ids`` and each layer's last ``FIT_WINDOW`` query rows (one captured
+        forward): every policy starts from a copy, and fitted summaries fit from those rows (SPEC 8)."""
+        layers = self._capture(ids, FIT_WINDOW)
+        return Snapshot([(c.k, c.v) for c in layers], [c.q for c in layers])
 
-    def session(self, snapshot: list[tuple], pol: Policy) -> Session:
+    def session(self, snapshot: Snapshot, pol: Policy) -> Session:
         engine = self.make_engine(pol.engine_cfg, pol.decode_backend(self.kernel))
-        engine.load_kv(snapshot)
+        engine.load_kv(snapshot.kv, snapshot.queries)
         return Session(lambda token: engine.feed([token]), lambda: engine.decode_totals()[1])
 
     def capture(self, ids: list[int], n_queries: int):

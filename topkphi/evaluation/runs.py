@@ -13,7 +13,7 @@ import numpy as np
 
 from topkphi.backends.numpy_backend import NumpyBackend
 from topkphi.evaluation import scoring
-from topkphi.evaluation.runners import Runner, Session
+from topkphi.evaluation.runners import FIT_WINDOW, Runner, Session
 from topkphi.evaluation.tasks import Sample
 
 _ORACLE = NumpyBackend()
@@ -85,7 +85,7 @@ def run_attn(runner: Runner, spec, sample: Sample, tick) -> list[dict]:
     from topkphi.analysis.heads import attention_probs, normalized_entropy, relative_error
 
     ids = sample.ids
-    captures = runner.capture(ids, spec.attn_positions)
+    captures = runner.capture(ids, spec.attn_positions + FIT_WINDOW)  # + the rows fitted summaries fit from
     n = len(ids)
     policies = spec.policies(n, runner.d, runner.dv)
     entropy: list[np.ndarray] = []
@@ -99,7 +99,10 @@ def run_attn(runner: Runner, spec, sample: Sample, tick) -> list[dict]:
             for pol in spec.policies(position + 1, runner.d, runner.dv)[1:]:
                 cfg = pol.config(layer).replace(scale=cap.scale)
                 decoder = pol.decode_backend(_ORACLE)
-                out, stats = decoder.decode(q, k, v, decoder.build_summary(k, v, cfg), cfg)
+                # fitted summaries fit from the rows before the scored position only (SPEC 8)
+                queries = cap.reference_queries(position, cfg.fit_window) if cfg.fitted else None
+                summary = decoder.build_summary(k, v, cfg, queries=queries)
+                out, stats = decoder.decode(q, k, v, summary, cfg)
                 errors[pol.label].append(relative_error(np.asarray(out)[0], ref[0]))
                 reads[pol.label].append(float(np.mean(stats.token_equivalents)) / (position + 1))
     ent = np.concatenate(entropy)

@@ -20,6 +20,7 @@ class Engine:
     Public: ``stream`` (a reply), ``generate``, ``reset``, and the step API ``feed`` / ``load_kv`` / ``kv`` /
     ``decode_totals`` that evaluation uses. Subclasses provide ``stream`` and the framework hooks
     ``_new_cache``, ``_layer_lengths``, ``_crop_layers``, ``_route``, ``_forward``, ``_load_layers``,
+    ``_observe_layers``,
     ``_layer_kv``, ``_totals``, ``_clear_totals``, ``head_dims`` and ``eos``.
     """
 
@@ -69,11 +70,15 @@ class Engine:
         self.tokens = self.tokens + list(ids)
         return self._to_numpy(logits)
 
-    def load_kv(self, layers: Sequence[tuple]) -> None:
+    def load_kv(self, layers: Sequence[tuple], queries: Sequence | None = None) -> None:
         """A new cache holding these per-layer ``(k [1,Hkv,N,d], v)`` (the framework's arrays or NumPy): the
-        topkphi summaries are built from them as a prefill would."""
+        topkphi summaries are built from them as a prefill would. ``queries``: per layer the prefill's last
+        query rows ``[1,Hq,W,d]`` (ending at N), which fitted summaries (SPEC 8) are fitted from; without
+        them a fitted summary has only the first decode step's query to fit from."""
         self.cache = self._new_cache()
         self._load_layers(layers)
+        if queries is not None and self.cfg is not None:
+            self._observe_layers(queries)
         self.tokens = []
 
     def kv(self) -> list[tuple]:
@@ -111,7 +116,7 @@ class Engine:
             captured = time.perf_counter()
             fit = fitter.fit(layers)
             self.cfg = fit.cfg
-            self.load_kv([(c.k, c.v) for c in layers])
+            self.load_kv([(c.k, c.v) for c in layers], [c.q for c in layers])
             self.tokens = list(prompt[:-1])
             self.fit_s, self.prefilled = fit.seconds, (len(prompt) - 1, captured - start)
         if fit.note and self.notify is not None:

@@ -67,6 +67,10 @@ class MLXEngine(Engine):
         for c, (k, v) in zip(self.cache, layers):
             c.update_and_fetch(*(mx.array(x).astype(self.dtype) if isinstance(x, np.ndarray) else x for x in (k, v)))
 
+    def _observe_layers(self, queries) -> None:
+        for c, rows in zip(self.cache, queries):
+            c.observe(mx.array(rows).astype(self.dtype) if isinstance(rows, np.ndarray) else rows)
+
     def _layer_kv(self) -> list[tuple]:
         return [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in self.cache]
 

@@ -92,6 +92,11 @@ class TorchEngine(Engine):
             for i, (k, v) in enumerate(layers):
                 self.cache.update(self._native(k), self._native(v), i)
 
+    def _observe_layers(self, queries) -> None:
+        with torch.inference_mode():
+            for layer, rows in zip(self.cache.layers, queries):
+                layer.observe(self._native(rows))
+
     def _layer_kv(self) -> list[tuple]:
         return [(layer.keys, layer.values) for layer in self.cache.layers]
 

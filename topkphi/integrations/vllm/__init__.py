@@ -11,7 +11,7 @@ or from Python, with a ``topkphi.Config``::
 
     from vllm import LLM
     from topkphi.integrations.vllm import engine_kwargs
-    llm = LLM(MODEL, **engine_kwargs(topkphi.Config(top_k=256, selection="page")))
+    llm = LLM(MODEL, **engine_kwargs(topkphi.Config(top_k=256, selection="page", feature_map=None)))
     llm.collective_rpc("topkphi_stats")   # per worker: decode rows, reads, side-buffer bytes
 
 Prefill and mixed batches run vLLM's own kernel; each decode row runs topkphi over the
@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from topkphi.config import Config
-from topkphi.integrations.vllm.options import KEY, VllmOptions
+from topkphi.integrations.vllm.options import KEY, VLLM_DEFAULT, VllmOptions
 
 __all__ = ["KEY", "TopKPhiWorkerExtension", "VllmOptions", "backend_path", "engine_kwargs", "register"]
 
@@ -84,7 +84,7 @@ def engine_kwargs(cfg: Config | None = None, *, backend: str = "auto", max_side_
 
     ``stats`` adds the worker extension behind ``llm.collective_rpc("topkphi_stats")``.
     """
-    options = VllmOptions(cfg or Config(), backend, *(() if max_side_mib is None else (max_side_mib,)))
+    options = VllmOptions(cfg or VLLM_DEFAULT, backend, *(() if max_side_mib is None else (max_side_mib,)))
     kwargs: dict[str, Any] = {"attention_backend": BACKEND_NAME, "additional_config": {KEY: options.to_dict()}}
     if stats:
         kwargs["worker_extension_cls"] = f"{__name__}.TopKPhiWorkerExtension"

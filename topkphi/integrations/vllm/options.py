@@ -11,7 +11,7 @@ and ``max_side_mib``, the cap on the side buffers of one worker.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from topkphi.config import Config
@@ -19,16 +19,17 @@ from topkphi.config import Config
 KEY = "topkphi"
 BACKENDS = ("auto", "torch", "triton")
 DEFAULT_SIDE_MIB = 1024
-# estimators fitted from the prompt's queries at prefill: vLLM's own kernel runs the prefill, so
-# no queries reach the plugin; learned maps come from a phi file (not wired in yet)
-_NEEDS_QUERIES = ("cluster", "learned")
+# vLLM's own kernel runs the prefill, so no prompt queries reach the plugin: the fitted summaries
+# (SPEC 8: clusters, compact pages) cannot be fitted and learned maps are not wired in yet. The
+# plugin's default is therefore its own, Quest pages with Top-K only, not Config()'s.
+VLLM_DEFAULT = Config(selection="page", feature_map=None)
 
 
 @dataclass(frozen=True)
 class VllmOptions:
     """One decode policy for every full-attention layer of a vLLM engine."""
 
-    config: Config = field(default_factory=Config)
+    config: Config = VLLM_DEFAULT
     backend: str = "auto"
     max_side_mib: int = DEFAULT_SIDE_MIB
 
@@ -40,9 +41,10 @@ class VllmOptions:
         fmap = self.config.feature_map
         if fmap is not None and not isinstance(fmap, str):
             raise ValueError("in vLLM, feature_map is a name (prf, taylor2) or None; FeatureMap objects do not travel")
-        if fmap in _NEEDS_QUERIES:
-            raise ValueError(f"feature_map={fmap!r} is not supported in vLLM yet: it is fitted from the prompt's "
-                             "queries, and vLLM's own kernel runs the prefill")
+        if self.config.fitted or fmap == "learned":
+            raise ValueError(f"selection={self.config.selection!r} with feature_map={fmap!r} is not supported in "
+                             "vLLM yet: it is fitted from the prompt's queries, and vLLM's own kernel runs the "
+                             "prefill (use selection 'page' or 'exact' with feature_map prf, taylor2 or none)")
         if self.config.scale is not None:
             raise ValueError("scale is each attention layer's own in vLLM; leave it unset")
 
@@ -52,7 +54,7 @@ class VllmOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object that goes under ``additional_config["topkphi"]``."""
-        defaults = Config()
+        defaults = VLLM_DEFAULT
         cfg = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(Config)
                if f.name != "scale" and getattr(self.config, f.name) != getattr(defaults, f.name)}
         return {**cfg, "backend": self.backend, "max_side_mib": self.max_side_mib}
@@ -67,7 +69,7 @@ class VllmOptions:
         if unknown:
             known_all = sorted(known | {"backend", "max_side_mib"})
             raise ValueError(f"unknown topkphi option(s) {unknown}; known: {known_all}")
-        return cls(Config(**raw), backend, max_side_mib)
+        return cls(VLLM_DEFAULT.replace(**raw), backend, max_side_mib)
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> VllmOptions:
