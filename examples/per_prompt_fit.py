@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from topkphi.calibration.data import token_sequences
-from topkphi.calibration.fit import FitOptions, fit_layer, replay_errors, split_validation, truncate
+from topkphi.calibration.fit import FitOptions, fit_layer
+from topkphi.calibration.replay import replay_errors, split_validation, truncate
 from topkphi.capture import capture_ids
 from topkphi.commands.calibrate import calibration_texts, load_model
 from topkphi.reads import summary_reads

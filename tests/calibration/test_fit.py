@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("torch", reason="calibration needs torch")
 
-from topkphi.calibration.fit import FitOptions, fit_layer, fit_model, replay_errors, truncate  # noqa: E402
+from topkphi.calibration.fit import FitOptions, fit_layer, fit_model  # noqa: E402
+from topkphi.calibration.replay import replay_errors, truncate  # noqa: E402
 from topkphi.capture import LayerCapture  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def test_validation_keeps_the_best_scoring_iterate():
 def test_split_validation_holds_out_the_last_positions_queries():
     from dataclasses import replace
 
-    from topkphi.calibration.fit import split_validation
+    from topkphi.calibration.replay import split_validation
 
     capture = low_rank_capture()
     train, val = split_validation(capture, 64)

@@ -42,6 +42,20 @@ class EstimatorOps(ABC):
         rows, ``retrieved [B,Hkv,R]`` marks its ``T`` entries."""
 
 
+class PageTokenOps(EstimatorOps):
+    """An estimator whose state is the selector's page metadata (``summary.pages``): compact tokens
+    (SPEC 8.2). Nothing of its own to build or fold; a backend implements ``estimate`` only."""
+
+    def empty(self, cfg: Config, dims: Dims, like: Any) -> None:
+        return None
+
+    def fit(self, state, k, v, lo, hi, queries, cfg) -> None:
+        return None
+
+    def fold(self, state, k, v, lo, hi, cfg) -> None:
+        return None
+
+
 class Backend(ABC):
     """SPEC 2-9 as one skeleton over a backend's primitives. ``decode`` returns ``(out, stats)``."""
 
@@ -174,4 +188,4 @@ def _check_queries(queries: ReferenceQueries, dims: Dims) -> None:
         raise ValueError(f"reference queries end at {queries.end}; the cache has {dims.n_tokens} tokens")
 
 
-__all__ = ["Backend", "DecodeStats", "EstimatorOps", "ReadSet"]
+__all__ = ["Backend", "DecodeStats", "EstimatorOps", "PageTokenOps", "ReadSet"]

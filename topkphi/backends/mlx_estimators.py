@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from topkphi.backends import mlx_fit as fit
-from topkphi.backends.base import EstimatorOps
+from topkphi.backends.base import EstimatorOps, PageTokenOps
 from topkphi.backends.mlx_ops import NEG_BIG, f32, grown, onehot, reference_rows
 from topkphi.config import Config, Dims
 from topkphi.feature_maps import FeatureMap
@@ -176,17 +176,8 @@ class ClusterOps(EstimatorOps):
         return _log_sum(logit, live[:, :, None, :], vbar)
 
 
-class CompactOps(EstimatorOps):
+class CompactOps(PageTokenOps):
     """SPEC 8.2: the unread complete pages estimated by their compact tokens (state: ``summary.pages``)."""
-
-    def empty(self, cfg, dims, like):
-        return None
-
-    def fit(self, state, k, v, lo, hi, queries, cfg):
-        return None
-
-    def fold(self, state, k, v, lo, hi, cfg):
-        return None
 
     def estimate(self, q_g, k_read, v_read, retrieved, reads, summary: Summary, cfg, tau):
         pages = summary.pages

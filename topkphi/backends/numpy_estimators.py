@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from topkphi.backends import numpy_fit as fit
-from topkphi.backends.base import EstimatorOps
+from topkphi.backends.base import EstimatorOps, PageTokenOps
 from topkphi.config import Config, Dims
 from topkphi.feature_maps import FeatureMap
 from topkphi.summary import ClusterState, CompactPages, FeatureMapState, ReferenceQueries, Summary, complete_pages
@@ -135,17 +135,8 @@ class ClusterOps(EstimatorOps):
         return lam, n_phi, d_phi
 
 
-class CompactOps(EstimatorOps):
+class CompactOps(PageTokenOps):
     """SPEC 8.2: the unread complete pages estimated by their compact tokens (state: ``summary.pages``)."""
-
-    def empty(self, cfg, dims, like):
-        return None
-
-    def fit(self, state, k, v, lo, hi, queries, cfg):
-        return None
-
-    def fold(self, state, k, v, lo, hi, cfg):
-        return None
 
     def estimate(self, q_g, k_read, v_read, retrieved, reads, summary: Summary, cfg, tau):
         pages: CompactPages = summary.pages

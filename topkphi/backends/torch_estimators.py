@@ -10,7 +10,7 @@ import torch
 
 from topkphi.backends import torch_fit as fit
 from topkphi.backends import torch_ops as ops
-from topkphi.backends.base import EstimatorOps
+from topkphi.backends.base import EstimatorOps, PageTokenOps
 from topkphi.config import Config, Dims
 from topkphi.feature_maps import FeatureMap
 from topkphi.step import NEG_INF
@@ -146,17 +146,8 @@ def _scatter_rows(label: torch.Tensor, rows: torch.Tensor, shape: tuple) -> torc
     return torch.zeros((*shape, rows.shape[-1]), dtype=F32, device=rows.device).scatter_add_(2, index, rows)
 
 
-class CompactOps(EstimatorOps):
+class CompactOps(PageTokenOps):
     """SPEC 8.2: the unread complete pages estimated by their compact tokens (state: ``summary.pages``)."""
-
-    def empty(self, cfg, dims, like):
-        return None
-
-    def fit(self, state, k, v, lo, hi, queries, cfg):
-        return None
-
-    def fold(self, state, k, v, lo, hi, cfg):
-        return None
 
     def estimate(self, q_g, k_read, v_read, retrieved, reads, summary: Summary, cfg, tau):
         pages: CompactPages = summary.pages

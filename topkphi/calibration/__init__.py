@@ -1,6 +1,6 @@
 """Learned feature maps: calibration text, the fit, and the phi file (SPEC section 4, ``learned``)."""
 
-from topkphi.calibration.fit import FitOptions, LayerFit, fit_layer, fit_model, replay_errors
+from topkphi.calibration.fit import FitOptions, LayerFit, fit_layer, fit_model
 from topkphi.calibration.phi_file import (
     ModelFingerprint,
     PhiMeta,
@@ -10,6 +10,7 @@ from topkphi.calibration.phi_file import (
     save_phi,
     torch_fingerprint,
 )
+from topkphi.calibration.replay import replay_errors
 
 __all__ = [
     "FitOptions",

@@ -18,7 +18,7 @@ import numpy as np
 def _prompt_prefix(layers, end: int, n_last: int | None):
     """The prompt's captures (everything before ``end``), optionally with only its last ``n_last`` queries:
     the queries nearest the decode steps have mids most like theirs, and a fit on fewer is faster."""
-    from topkphi.calibration.fit import truncate
+    from topkphi.calibration.replay import truncate
     from topkphi.capture import LayerCapture
 
     prefix = [truncate(c, end) for c in layers]
@@ -62,8 +62,8 @@ def evaluate_file(err, runtime, net, tokenizer, seqs, model_id, phi_file, maps, 
                   json_out, kl_tokens: int = 0, per_prompt_queries: int | None = None) -> None:
     """Measure ``maps`` (the file's, checked against the model) on each token sequence of ``seqs``."""
     import topkphi
-    from topkphi.calibration.fit import replay_errors
     from topkphi.calibration.prompt import fit_within
+    from topkphi.calibration.replay import replay_errors
 
     d = maps[0].d
     cfg = topkphi.Config(n_sink=opts.n_sink, n_tail=opts.n_tail, top_k=opts.top_k, feature_map=maps[0])
