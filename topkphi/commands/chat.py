@@ -104,7 +104,7 @@ def read_line(console) -> str:
               "any machine).")
 @user_errors
 def chat(model, backend, prompt, demo, max_tokens, temp, top_p, seed, system_prompt, n_sink, n_tail, top_k, selection,
-         page_size, feature_map, n_features, phi_file, dense, fit_seconds, fit_steps) -> None:
+         page_size, feature_map, n_features, n_clusters, fit_window, phi_file, dense, fit_seconds, fit_steps) -> None:
     """Chat with a model; decode steps read sink + tail + Top-K exactly and estimate the rest."""
     from rich.console import Console
 
@@ -115,7 +115,8 @@ def chat(model, backend, prompt, demo, max_tokens, temp, top_p, seed, system_pro
         raise click.UsageError("--top-p must be in (0, 1] and --temp >= 0")
     if demo and prompt is not None:
         raise click.UsageError("give --demo or --prompt, not both")
-    cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed)
+    cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed,
+                              n_clusters=n_clusters, fit_window=fit_window)
     check_phi_options(feature_map, phi_file)
     per_prompt = feature_map == "learned-prompt"
     fit_budget = _fit_budget(ctx, per_prompt, fit_seconds, fit_steps)

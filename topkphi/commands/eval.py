@@ -123,7 +123,8 @@ def render(console, report: dict) -> None:
               help="Write a PNG of accuracy and KL against the KV read (needs matplotlib: the [eval] extra).")
 @user_errors
 def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backend, n_sink, n_tail, selection,
-                 page_size, feature_map, n_features, phi_file, kl_tokens, attn_positions, json_out, plot_out) -> None:
+                 page_size, feature_map, n_features, n_clusters, fit_window, phi_file, kl_tokens, attn_positions,
+                     json_out, plot_out) -> None:
     """Accuracy on RULER-style tasks, KL and attention error of each method at matched KV reads."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -136,7 +137,7 @@ def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backen
     budget_list = _ints(budgets, "--budgets")
     # the budgets are topk+phi's top_k: the first stands in for validation, each policy sets its own
     base = config_from_options(max(1, min(budget_list)), n_sink, n_tail, selection, page_size, feature_map,
-                               n_features, seed)
+                               n_features, seed, n_clusters=n_clusters, fit_window=fit_window)
     if base.feature_map is None and feature_map != "learned":
         raise click.UsageError(f"--selection {selection} has no default estimator "
                                f"(topk+phi would be Top-K only): name one with --feature-map")

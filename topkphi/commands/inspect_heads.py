@@ -133,7 +133,8 @@ def _clean(x):
               help="Write PNG heatmaps (layers x heads) of entropy and phi gain (needs matplotlib: [plot]).")
 @user_errors
 def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, selection, page_size, feature_map,
-                  n_features, phi_file, seed, n_queries, max_dropped_mass, max_rows, json_out, csv_out,
+                  n_features, n_clusters, fit_window, phi_file, seed, n_queries, max_dropped_mass, max_rows,
+                      json_out, csv_out,
                   plot_out) -> None:
     """Per layer and head: attention entropy, mass kept by sink + tail + Top-K, and Top-K only vs Top-K + phi."""
     from rich.console import Console
@@ -149,7 +150,8 @@ def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, sele
     check_phi_options(feature_map, phi_file)
     if feature_map == "none":
         raise click.UsageError("--feature-map none leaves nothing to compare with Top-K only: pick an estimator")
-    cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed)
+    cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed,
+                              n_clusters=n_clusters, fit_window=fit_window)
     if cfg.feature_map is None and feature_map != "learned":
         raise click.UsageError(f"--selection {selection} has no default estimator "
                                f"(nothing would be compared with Top-K only): name one with --feature-map")

@@ -90,6 +90,10 @@ def estimator_options(fn=None, *, per_prompt: bool = False, dense: bool = True):
                      show_default=True, help=fmap_help),
         click.option("--n-features", type=int, default=DEFAULTS.n_features, show_default=True,
                      help="Feature-map size m."),
+        click.option("--n-clusters", type=int, default=DEFAULTS.n_clusters, show_default=True,
+                     help="Clusters of --feature-map cluster (SPEC 8.1)."),
+        click.option("--fit-window", type=int, default=DEFAULTS.fit_window, show_default=True,
+                     help="Prompt query rows the fitted summaries (cluster, compact) are fitted from."),
         phi_file_option,
         *([click.option("--dense", is_flag=True, help="Exact attention over the whole cache (the baseline).")]
           if dense else []),
@@ -120,13 +124,15 @@ def check_phi_options(feature_map: str, phi_file: str | None) -> None:
         raise click.UsageError(f"no such phi file: {phi_file}")
 
 
-def config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed=DEFAULTS.seed):
+def config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed=DEFAULTS.seed,
+                        n_clusters=DEFAULTS.n_clusters, fit_window=DEFAULTS.fit_window):
     """The ``Config`` the flags describe (a bad value: one line, exit 2); learned maps are per layer and
     filled in once the model is loaded."""
     fmap = None if feature_map in ("none", "learned", "learned-prompt") else feature_map
     try:
         return Config(n_sink=n_sink, n_tail=n_tail, top_k=top_k, selection=selection, page_size=page_size,
-                      feature_map=fmap, n_features=n_features, seed=seed)
+                      feature_map=fmap, n_features=n_features, seed=seed, n_clusters=n_clusters,
+                      fit_window=fit_window)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
 
