@@ -124,7 +124,7 @@ def render(console, report: dict) -> None:
 @user_errors
 def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backend, n_sink, n_tail, selection,
                  page_size, feature_map, n_features, n_clusters, fit_window, phi_file, kl_tokens, attn_positions,
-                     json_out, plot_out) -> None:
+                 json_out, plot_out) -> None:
     """Accuracy on RULER-style tasks, KL and attention error of each method at matched KV reads."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
