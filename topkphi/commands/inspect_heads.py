@@ -134,8 +134,7 @@ def _clean(x):
 @user_errors
 def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, selection, page_size, feature_map,
                   n_features, n_clusters, fit_window, phi_file, seed, n_queries, max_dropped_mass, max_rows,
-                      json_out, csv_out,
-                  plot_out) -> None:
+                  json_out, csv_out, plot_out) -> None:
     """Per layer and head: attention entropy, mass kept by sink + tail + Top-K, and Top-K only vs Top-K + phi."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
