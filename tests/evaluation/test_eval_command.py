@@ -156,3 +156,31 @@ def test_mlx_runner_on_the_tiny_model():
     results = {(r["task"], r["method"]): r for r in evaluate(runner, spec)["results"]}
     assert results[("kl", "dense")]["kl"] == 0.0 and results[("kl", "topk+phi")]["kl"] > 0.0
     assert abs(results[("kl", "sink-tail")]["read_fraction"] - results[("kl", "topk+phi")]["read_fraction"]) < 0.01
+
+
+@pytest.mark.parametrize("fields", [dict(selection="compact", feature_map="compact"),
+                                    dict(selection="exact", feature_map="cluster", n_clusters=8)])
+def test_sessions_fit_from_the_prefills_own_query_rows(tiny, monkeypatch, fields):
+    """A policy's session fits its summaries from the shared prefill's last query rows (SPEC 8), not from
+    the first decode step's query alone; a budget covering mid stays dense."""
+    from tests.integrations.test_hf import tiny_llama
+
+    backend = topkphi.get_backend("torch")
+    windows = []
+    build = type(backend).build_summary
+
+    def recording(self, k, v, cfg, queries=None):
+        windows.append(None if queries is None else (queries.window, queries.end, k.shape[2]))
+        return build(self, k, v, cfg, queries=queries)
+
+    monkeypatch.setattr(type(backend), "build_summary", recording)
+    runner = resolve_runtime("torch").runner(tiny_llama(), CharTokenizer())
+    ids = [3 + i % 40 for i in range(300)]
+    snapshot = runner.prefill(ids)
+    cfg = topkphi.Config(n_sink=4, n_tail=16, top_k=32, **fields)
+    pol = policy("topk+phi", 32, cfg, len(ids) + 1, runner.d, runner.dv)
+    session = runner.session(snapshot, pol)
+    logits = session.step(7)
+    assert windows and all(w == (cfg.fit_window if len(ids) > cfg.fit_window else len(ids), 300, 301)
+                           for w in windows)
+    assert logits.shape[-1] > 0 and session.read_fraction() < 1.0
