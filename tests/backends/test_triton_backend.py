@@ -92,21 +92,26 @@ def test_parity_with_oracle(backend, name, case_fields, dtype):
 
 
 @pytest.mark.parametrize(
-    "case_fields,select,attend",
+    "case_fields,select,attend,estimate",
     [
-        (dict(selection="page", top_k=32), TRITON, TRITON),
-        (dict(selection="page", top_k=32, feature_map="cluster", n_clusters=8), TRITON, TRITON),
-        (dict(selection="exact", top_k=32), "torch: exact selection", TRITON),
-        (dict(selection="compact", top_k=32, feature_map="compact"), "torch: compact selection", TRITON),
-        (dict(selection="page", top_k=32, feature_map="taylor2"), TRITON, "torch: taylor2"),
-        (dict(selection="page", top_k=4096), "torch: the budget covers mid", TRITON),
+        (dict(selection="page", top_k=32), TRITON, TRITON, TRITON),
+        (dict(selection="page", top_k=32, feature_map="cluster", n_clusters=8), TRITON, TRITON, TRITON),
+        (dict(selection="page", top_k=32, feature_map=None), TRITON, TRITON, ""),
+        (dict(selection="exact", top_k=32), "torch: exact selection", TRITON, TRITON),
+        (dict(selection="exact", top_k=32, feature_map="cluster", n_clusters=8), "torch: exact", TRITON, TRITON),
+        (dict(selection="compact", top_k=32, feature_map="compact"), TRITON, TRITON, TRITON),
+        (dict(selection="compact", top_k=32, feature_map="cluster", n_clusters=8), TRITON, TRITON, TRITON),
+        (dict(selection="page", top_k=32, feature_map="taylor2"), TRITON, "torch: taylor2", "torch: taylor2"),
+        (dict(selection="page", top_k=4096), "torch: the budget covers mid", TRITON, ""),
     ],
 )
-def test_one_switch_says_where_each_primitive_runs(backend, case_fields, select, attend):
-    """Exact and compact selection, taylor2 and full budgets take torch by design, and the path says so."""
+def test_one_switch_says_where_each_primitive_runs(backend, case_fields, select, attend, estimate):
+    """Exact selection, taylor2 and full budgets take torch by design, and the path says so; clusters and
+    compact pages are estimated in the kernels."""
     case = random_case(5, n_tokens=200, n_kv=2, group=2, d=32, **case_fields)
     out, stats, ref, _, path = decode_both(backend, case, torch.float32)
     assert path.select.startswith(select) and path.attend.startswith(attend), path
+    assert path.estimate.startswith(estimate) and bool(path.estimate) == bool(estimate), path
     assert rel_err(as64(out), ref) <= 1e-4
 
 

@@ -188,7 +188,7 @@ def test_covering_budget_and_exact_selection_say_why_torch_selects():
     assert int(stats.n_selected.min()) == 120 - 4 - 16
     exact = case.cfg.replace(selection="exact", top_k=16)
     be.decode(q, k, v, be.build_summary(k, v, exact), exact)
-    assert be.last_path.select == "torch: exact selection has no Triton kernel (page selection has)"
+    assert be.last_path.select == "torch: exact selection has no Triton kernel (page and compact selection have)"
 
 
 @pytest.mark.parametrize("tile", [None, 64])  # 64: the kernel's chunked paths (many sub-blocks, many ties)

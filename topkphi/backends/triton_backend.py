@@ -3,14 +3,16 @@
 It overrides two primitives of ``topkphi.backends.base.Backend``; the rest (summaries, exact and
 compact selection, the fitted estimators) is the torch backend's:
 
-- ``read_set``: page selection (the deployable path) in two kernels, the Quest bound and a threshold
-  select that writes the read index: no sort, no host sync;
-- ``attend``: one fused kernel (gather, online softmax, the feature-map completion, split-K merge,
-  one normalization); cluster and compact estimates come from the torch estimator ops and are merged
-  in the kernel as one more partial state.
+- ``read_set``: page and compact selection in two kernels, the Quest bound (or the compact tokens'
+  scores, SPEC 8.2) and a threshold select that writes the read index: no sort, no host sync;
+- ``attend``: one fused kernel and its merge (gather, online softmax, split-K merge, one normalization)
+  with the estimate of the unread mid inside: the feature map, the clusters (per-cluster sums of the
+  retrieved rows in the read tiles, C pseudo-tokens in the merge, SPEC 8.1) or the unread compact pages
+  as pseudo-tokens (SPEC 8.2; their logits come from the selection kernels of the same step).
 
 ``triton_path`` is the one switch between each kernel and its torch twin; where torch runs it says
-why, and ``TritonBackend.last_path`` keeps the path the last step took. Launch choices are explicit
+why, and ``TritonBackend.last_path`` keeps the path the last step took (``estimate`` says where the
+estimate of the unread mid ran). Launch choices are explicit
 (``TritonTuning``). With chained launches (sm90+) a page step is four launches (bound, select,
 decode, merge) and no host sync: capture it in a CUDA graph. Example::
 
@@ -29,9 +31,9 @@ from topkphi.backends.torch_ops import gather_tokens
 from topkphi.config import Config
 from topkphi.step import ReadSet, StepPlan, plan_step
 from topkphi.summary import Summary
-from topkphi.triton.decode import Estimate, FeatureMapInputs, fused_decode
+from topkphi.triton.decode import ClusterInputs, Estimate, FeatureMapInputs, fused_decode
 from topkphi.triton.launch import TritonTuning, chains_launches, runnable_on
-from topkphi.triton.select import KernelReadSet, fits, page_read_set
+from topkphi.triton.select import KernelReadSet, compact_read_set, fits, page_read_set
 
 TRITON = "triton"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,10 +41,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class TritonPath:
-    """Where a decode step runs its two hot primitives: ``"triton"``, or ``"torch: <why>"``."""
+    """Where a decode step runs its two hot primitives and its estimate: ``"triton"``, or ``"torch: <why>"``
+    (``estimate`` is ``""`` for a step without one)."""
 
     select: str = ""
     attend: str = ""
+    estimate: str = ""
 
 
 def triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summary: Summary, cfg: Config) -> TritonPath:
@@ -51,17 +55,18 @@ def triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summary: Summ
     Its two halves are judged where the skeleton hands each primitive its inputs (``read_set`` has no
     ``v``); both live here so that the whole decision reads in one place."""
     plan = plan_step(cfg, summary, k.shape[2], q.shape[-1], v.shape[-1])
-    return TritonPath(_select_path(q, summary, plan, cfg), _attend_path(q, k, v, cfg))
+    select, attend = _select_path(q, summary, plan, cfg), _attend_path(q, k, v, cfg)
+    return TritonPath(select, attend, _estimate_path(plan, select, attend))
 
 
 def _select_path(q: torch.Tensor, summary: Summary, plan: StepPlan, cfg: Config) -> str:
     if plan.selection == "all":
         return "torch: the budget covers mid (exact attention, nothing to rank)"
-    if plan.selection != "page":
-        return f"torch: {plan.selection} selection has no Triton kernel (page selection has)"
+    if plan.selection == "exact":
+        return "torch: exact selection has no Triton kernel (page and compact selection have)"
     if not runnable_on(q):
         return "torch: CPU tensors need TRITON_INTERPRET=1 to run Triton kernels"
-    kmin = summary.pages.kmin
+    kmin = summary.pages.kmin if plan.selection == "page" else summary.pages.kappa
     if q.dtype not in KERNEL_DTYPES or kmin.dtype not in KERNEL_DTYPES:
         return f"torch: the bound kernel takes fp16/bf16/fp32, got q {q.dtype}, pages {kmin.dtype}"
     if kmin.device != q.device:
@@ -78,6 +83,16 @@ def _attend_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Config)
         return f"torch: the decode kernel takes one of fp16/bf16/fp32 for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}"
     if cfg.estimator == "feature_map" and not cfg.feature_map_for(q.shape[-1]).exp_linear:
         return "torch: taylor2 is not exp-linear (its m = 1 + d + d^2 features do not fit a program)"
+    return TRITON
+
+
+def _estimate_path(plan: StepPlan, select: str, attend: str) -> str:
+    if plan.estimator is None:
+        return ""
+    if attend != TRITON:
+        return attend
+    if plan.estimator == "compact" and select != TRITON:
+        return "torch: the compact pages' pseudo-tokens take their logits from the selection kernels"
     return TRITON
 
 
@@ -98,24 +113,37 @@ class TritonBackend(TorchBackend):
         self.last_path = replace(self.last_path, select=path)
         if path != TRITON:
             return super().read_set(q, k, summary, plan, cfg, tau)
+        chained, warps = chains_launches(q, self.tuning), self.tuning.select_warps
+        if plan.selection == "compact":
+            return compact_read_set(q, summary.pages, tau, plan.n_take, cfg.page_size, plan.regions, chained=chained,
+                                    select_warps=warps)
         return page_read_set(q, summary.pages, summary.first_page, tau, plan.n_take, cfg.page_size, plan.regions,
-                             chained=chains_launches(q, self.tuning), select_warps=self.tuning.select_warps)
+                             chained=chained, select_warps=warps)
 
     def attend(self, q, k, v, reads: ReadSet, ops, summary: Summary, cfg: Config, tau: float):
         path = _attend_path(q, k, v, cfg)
-        self.last_path = replace(self.last_path, attend=path)
+        from_kernels = isinstance(reads, KernelReadSet)
+        est_path = "" if ops is None else path
+        if ops is not None and path == TRITON and cfg.estimator == "compact" and not (from_kernels and reads.pages):
+            est_path = "torch: the compact pages' pseudo-tokens take their logits from the selection kernels"
+        self.last_path = replace(self.last_path, attend=path, estimate=est_path)
         if path != TRITON:
             return super().attend(q, k, v, reads, ops, summary, cfg, tau)
-        feature_map = estimate = None
+        inputs = {}
         if ops is not None and cfg.estimator == "feature_map":  # completed inside the kernel
-            feature_map = self._feature_map_inputs(cfg, summary, reads.n_anchor, q)
-        elif ops is not None:  # clusters, compact pages: estimated in torch, merged in the kernel
-            estimate = self._outside_estimate(q, k, v, reads, ops, summary, cfg, tau)
-        from_kernels = isinstance(reads, KernelReadSet)
+            inputs["feature_map"] = self._feature_map_inputs(cfg, summary, reads.n_anchor, q)
+        elif ops is not None and cfg.estimator == "cluster":
+            st = summary.estimate
+            inputs["clusters"] = ClusterInputs(st.count, st.ksum, st.vsum, st.beta, st.labels, reads.n_anchor)
+        elif ops is not None and est_path == TRITON:  # compact pages from this step's selection kernels
+            inputs["pages"] = reads.pages
+        elif ops is not None:  # estimated in torch, merged in the kernel as one more partial state
+            inputs["estimate"] = self._outside_estimate(q, k, v, reads, ops, summary, cfg, tau)
         t = self.tuning
         return fused_decode(q, k, v, reads.idx, reads.n_read32 if from_kernels else reads.n_read, scale=tau,
-                            feature_map=feature_map, estimate=estimate, split=t.decode_split, block_n=t.decode_block_n,
-                            num_warps=t.decode_warps, chained=from_kernels and reads.chained, phi_dot16=t.phi_dot16)
+                            split=t.decode_split, page_split=t.decode_page_split, block_n=t.decode_block_n,
+                            num_warps=t.decode_warps, chained=from_kernels and reads.chained, phi_dot16=t.phi_dot16,
+                            **inputs)
 
     # ------------------------------------------------------------ the estimates' inputs
 

@@ -64,6 +64,32 @@ class Estimate:
                    value.reshape(batch, n_kv * group, -1).contiguous())
 
 
+@dataclass
+class ClusterInputs:
+    """A cluster summary (SPEC 8.1) as the kernels read it: ``count, beta [B,Hkv,C]``, ``ksum [B,Hkv,C,d]``,
+    ``vsum [B,Hkv,C,dv]`` (pass them fp32 contiguous to avoid a copy per call) and ``labels [B,Hkv,L]``
+    (int32/int64, any strides, ``L`` past every retrieved position). Read entries at or past ``n_anchor``
+    are the retrieved T: their members' sums leave the clusters in the kernel."""
+
+    count: torch.Tensor
+    ksum: torch.Tensor
+    vsum: torch.Tensor
+    beta: torch.Tensor
+    labels: torch.Tensor
+    n_anchor: int
+
+
+@dataclass
+class PageEstimate:
+    """Compact pages (SPEC 8.2) as pseudo-tokens: ``logits [B*Hkv, G, >= n_pages]`` fp32 (each page's
+    ``tau q_h.kappa_p + beta_p``, -inf for the pages read exactly), written by the score and selection
+    kernels of the same step (``select.compact_read_set``), and the pages' values ``nu [B,Hkv,n_pages,dv]``."""
+
+    logits: torch.Tensor
+    nu: torch.Tensor
+    n_pages: int
+
+
 def default_split(n_read: int, n_programs: int, block_n: int, sms: int) -> int:
     """Read entries per split (a multiple of block_n): about one program per SM (best on an H100 and
     an H200, docs/KERNEL_NOTES.md); each program's tiles run one after another, ~2 us of latency each."""
@@ -71,8 +97,8 @@ def default_split(n_read: int, n_programs: int, block_n: int, sms: int) -> int:
     return max(1, (tiles * n_programs) // sms) * block_n
 
 
-def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, feature_map=None, estimate=None, split=None,
-                 block_n=64, num_warps=4, chained=False, phi_dot16=True):
+def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, feature_map=None, estimate=None, clusters=None,
+                 pages=None, split=None, page_split=None, block_n=64, num_warps=4, chained=False, phi_dot16=True):
     """Attention of one decode query per sequence over an explicit read set, with the estimates of the rest.
 
     Args:
@@ -83,10 +109,15 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, feature_map=None
       n_read: ``[B, Hkv]`` int count of valid entries, or None (all R).
       scale: score scale tau (default ``d ** -0.5``).
       feature_map: None or ``FeatureMapInputs``: the completion computed in the kernel.
-      estimate: None or ``Estimate``: an estimate computed outside (clusters, compact pages), merged
-        as one more partial state before the one normalization.
+      estimate: None or ``Estimate``: an estimate computed outside, merged as one more partial state
+        before the one normalization.
+      clusters: None or ``ClusterInputs``: the cluster estimate (SPEC 8.1) computed in the kernels.
+      pages: None or ``PageEstimate``: the unread compact pages (SPEC 8.2) as pseudo-tokens, in programs
+        of their own (``page_split`` pages each; None picks about one program per SM with the reads).
+      Clusters and pages each come alone; feature_map and estimate may be merged together.
       split: read entries per program (a multiple of ``block_n``); None picks one for the GPU, ``>= R``
-        runs the single-kernel path; smaller values add a merge kernel (flash-decoding).
+        runs the single-kernel path; smaller values add a merge kernel (flash-decoding). Clusters and
+        pages always take the merge kernel.
       block_n, num_warps: tile of gathered tokens and warps per program.
       chained: launch as a programmatic dependent (``launch.chains_launches``) of the kernel that wrote
         ``read_idx`` and ``n_read``; everything else must be older than that kernel.
@@ -143,11 +174,33 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, feature_map=None
             raise ValueError(f"summary: s {tuple(s_sum.shape)}, z {tuple(z_sum.shape)}, c {tuple(c_sum.shape)}")
         norm_coef, n_anchor = float(fm.norm_coef), int(fm.n_anchor)
     has_extra = estimate is not None
+    if sum(x is not None for x in (feature_map or estimate, clusters, pages)) > 1:
+        raise ValueError("clusters and pages are estimates of their own: pass neither feature_map nor estimate with them")
     x_m = x_v = n_read  # never read without an estimate
     if has_extra:
         x_m, x_v = f32(estimate.log_mass), f32(estimate.value)
         if x_m.shape != (B, Hq) or x_v.shape != (B, Hq, DV):
             raise ValueError(f"estimate: log_mass {tuple(x_m.shape)}, value {tuple(x_v.shape)}; want [B,Hq], [B,Hq,dv]")
+    C, labels, cnt, cks, cvs, cbeta = 1, n_read[..., None], n_read, n_read, n_read, n_read  # read only with clusters
+    if clusters is not None:
+        cl = clusters
+        C = int(cl.count.shape[-1])
+        cnt, cks, cvs, cbeta = f32(cl.count), f32(cl.ksum), f32(cl.vsum), f32(cl.beta)
+        chained = chained and cks is cl.ksum  # read before the chained wait: a fresh copy would race
+        labels, n_anchor = cl.labels, int(cl.n_anchor)
+        if (cnt.shape != (B, Hkv, C) or cks.shape != (B, Hkv, C, D) or cvs.shape != (B, Hkv, C, DV)
+                or cbeta.shape != (B, Hkv, C) or labels.shape[:2] != (B, Hkv) or labels.dim() != 3):
+            raise ValueError(f"clusters: count {tuple(cnt.shape)}, ksum {tuple(cks.shape)}, vsum {tuple(cvs.shape)}, "
+                             f"beta {tuple(cbeta.shape)}, labels {tuple(labels.shape)} do not match q, k, v")
+        if labels.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cluster labels must be int32/int64, got {labels.dtype}")
+    n_pages, lh, nu = 0, n_read[..., None], v  # read only with pages
+    if pages is not None:
+        lh, nu, n_pages = pages.logits, pages.nu, int(pages.n_pages)
+        if (lh.dim() != 3 or lh.shape[:2] != (B * Hkv, G) or lh.shape[2] < n_pages or lh.dtype != torch.float32
+                or lh.stride(-1) != 1 or nu.shape != (B, Hkv, n_pages, DV)):
+            raise ValueError(f"pages: logits {lh.dtype} {tuple(lh.shape)}, nu {tuple(nu.shape)}; want fp32 "
+                             f"[{B * Hkv}, {G}, >= {n_pages}] (unit last stride) and [{B}, {Hkv}, {n_pages}, {DV}]")
 
     interp = interpreting(q)
     f32_dots = interp or q.dtype == torch.float32
@@ -157,33 +210,50 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, feature_map=None
     if split is None:
         split = default_split(R, B * Hkv, block_n, 1 if interp else n_sms(dev))
     split = max(block_n, triton.cdiv(split, block_n) * block_n)
-    n_splits = triton.cdiv(max(R, 1), split)
-
+    n_rsplits = triton.cdiv(max(R, 1), split)
+    pchunk, n_psplits = block_n, 0
+    if pages is not None and n_pages > 0:
+        if page_split is None:
+            page_split = default_split(n_pages, B * Hkv, block_n, 1 if interp else n_sms(dev))
+        pchunk = max(block_n, triton.cdiv(page_split, block_n) * block_n)
+        n_psplits = triton.cdiv(n_pages, pchunk)
+    n_splits = n_rsplits + n_psplits
+    use_merge = n_splits > 1 or clusters is not None or pages is not None
     out = torch.empty(B, Hq, DV, dtype=q.dtype, device=dev)
     rho = torch.empty(B, Hq, dtype=torch.float32, device=dev)
     lse = torch.empty_like(rho)
     pm = pl = pacc = pw = pwv = plam = pfs = pfz = rho  # never read with one split
-    if n_splits > 1:
+    pct = psc = pvs = pqk = rho  # read only with clusters
+    if use_merge:
         pm = torch.empty(B * Hkv, n_splits, G, dtype=torch.float32, device=dev)
         pl = torch.empty_like(pm)
         pacc = torch.empty(B * Hkv, n_splits, G, DV, dtype=torch.float32, device=dev)
         if has_phi:
             pw, pwv, plam = torch.empty_like(pl), torch.empty_like(pacc), torch.empty_like(rho)
             pfs, pfz = torch.empty(B, Hq, DV, dtype=torch.float32, device=dev), torch.empty_like(rho)
+        if clusters is not None:
+            pct = torch.empty(B * Hkv, n_splits, C, dtype=torch.float32, device=dev)
+            psc = torch.empty(B * Hkv, n_splits, G, C, dtype=torch.float32, device=dev)
+            pvs = torch.empty(B * Hkv, n_splits, C, DV, dtype=torch.float32, device=dev)
+            pqk = torch.empty(B, Hq, C, dtype=torch.float32, device=dev)
     pdl = dict(launch_pdl=True) if chained else {}
     decode_kernel[(B * Hkv, n_splits)](
         q, k, v, read_idx, n_read, wq, bq, wk, bk, s_sum, z_sum, c_sum, x_m, x_v,
+        labels, cks, pct, psc, pvs, pqk, lh, nu,
         out, rho, lse, pm, pl, pacc, pw, pwv, plam, pfs, pfz,
-        *q.stride(), *k.stride(), *v.stride(), *read_idx.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *read_idx.stride(), *labels.stride(), *lh.stride()[:2], *nu.stride(),
         Hkv, G, D, DV, M, R, n_anchor, n_splits, split, scale, math.sqrt(scale), 0.5 * norm_coef * scale,
+        C, n_pages, n_rsplits, pchunk,
         GP=GP, BLOCK_N=block_n, BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_M=BM, HAS_PHI=has_phi,
-        PHI_PER_HEAD=has_phi and n_ph == Hkv, HAS_EXTRA=has_extra, SPLIT=n_splits > 1, F32_DOTS=f32_dots,
-        GDC=chained, PHI_DOT16=phi_dot16 and not f32_dots, num_warps=num_warps, **pdl,
+        PHI_PER_HEAD=has_phi and n_ph == Hkv, HAS_EXTRA=has_extra, SPLIT=use_merge, F32_DOTS=f32_dots,
+        GDC=chained, PHI_DOT16=phi_dot16 and not f32_dots, CLUSTER=clusters is not None, PAGES=n_psplits > 0,
+        BLOCK_C=p2(C, lo), num_warps=num_warps, **pdl,
     )
-    if n_splits > 1:
+    if use_merge:
         merge_kernel[(B * Hq,)](
-            out, rho, lse, pm, pl, pacc, pw, pwv, plam, pfs, pfz, x_m, x_v, G, DV, n_splits,
+            out, rho, lse, pm, pl, pacc, pw, pwv, plam, pfs, pfz, x_m, x_v,
+            cnt, cbeta, cvs, pct, psc, pvs, pqk, G, DV, n_splits, n_rsplits, C,
             BLOCK_S=min(32, p2(n_splits, 2)), BLOCK_DV=BDV, HAS_PHI=has_phi, HAS_EXTRA=has_extra, GDC=chained,
-            num_warps=4, **pdl,
+            CLUSTER=clusters is not None, PAGES=n_psplits > 0, BLOCK_C=p2(C, lo), num_warps=4, **pdl,
         )
     return out, rho, lse

@@ -24,6 +24,7 @@ class TritonTuning:
     about one program per SM. ``phi_dot16``: with a 16-bit cache the retrieved tokens' feature
     weights are one tensor-core product in the cache dtype instead of tf32.
     ``select_warps``: warps of the threshold selection program (one program per KV head).
+    ``decode_page_split``: compact pages per pseudo-token program (None: about one program per SM).
     """
 
     chain_launches: bool = True
@@ -32,14 +33,17 @@ class TritonTuning:
     decode_split: int | None = None
     phi_dot16: bool = True
     select_warps: int = 8
+    decode_page_split: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("decode_block_n", "decode_warps", "select_warps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.decode_split is not None and (isinstance(self.decode_split, bool) or self.decode_split < 1):
-            raise ValueError(f"decode_split must be None or a positive integer, got {self.decode_split!r}")
+        for name in ("decode_split", "decode_page_split"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
 
 
 def interpreter_on() -> bool:

@@ -5,7 +5,9 @@ reads tiles of ``kmin``/``kmax`` once, in the cache's own dtype, and computes fo
 of its KV head ``u_p = tau * max_h sum_i max(q_hi kmin_pi, q_hi kmax_pi)`` in fp32 (elementwise, or
 as two tensor-core products ``q+ kmax + q- kmin`` for 16-bit metadata), then stores ``u [B*Hkv,
 n_pages]`` fp32 and, for the threshold selection (``select.py``), the maximum of every run of SB
-pages. Launcher: ``page_bounds`` in ``topkphi/triton/select.py``.
+pages. With ``COMPACT`` it scores compact page tokens instead (SPEC 8.2): ``kmin`` is the pages' key
+``kappa``, ``u_p = max_h (tau q_h.kappa_p + beta_p)``, and every head's logit is stored as well (``lh [B*Hkv,
+G, .]``): the decode's pseudo-tokens. Launchers: ``page_bounds``, ``compact_scores`` in ``topkphi/triton/select.py``.
 """
 
 import triton
@@ -35,6 +37,13 @@ def page_bounds_kernel(
     sxh,
     sxp,
     sxd,
+    beta_ptr,
+    sbb,
+    sbh,
+    sbp,
+    lh_ptr,
+    lh_row,
+    lh_g,
     Hkv,
     n_pages,
     u_stride,
@@ -50,6 +59,8 @@ def page_bounds_kernel(
     GP: tl.constexpr = 16,
     DOT_F32: tl.constexpr = False,
     GDC: tl.constexpr = False,
+    COMPACT: tl.constexpr = False,
+    TOKEN_PREC: tl.constexpr = "ieee",
 ):
     if GDC:  # let the selection kernel launch now; it waits for this grid before reading u and bm
         tl.extra.cuda.gdc_launch_dependents()
@@ -58,7 +69,7 @@ def page_bounds_kernel(
     h = (bh % Hkv).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    if USE_DOT:
+    if USE_DOT or COMPACT:
         # kmin <= kmax, so max(q kmin, q kmax) = q+ kmax + q- kmin: two products on the tensor cores
         # in place of 4 G fp32 ops per metadata element, which bound the elementwise form below
         # the memory rate. q+ and q- are q's own values (q has the metadata's dtype), so every
@@ -69,7 +80,7 @@ def page_bounds_kernel(
                      mask=d_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, GP]
         q_pos = tl.where(qt > 0.0, qt, 0.0)
         q_neg = tl.where(qt < 0.0, qt, 0.0)
-        if not DOT_F32:
+        if not DOT_F32 and not COMPACT:
             q_pos = q_pos.to(kmin_ptr.dtype.element_ty)
             q_neg = q_neg.to(kmin_ptr.dtype.element_ty)
     # a program walks several blocks of pages so that the pipeliner keeps the next tiles' loads in
@@ -81,8 +92,19 @@ def page_bounds_kernel(
         tile_ok = p_ok[:, None] & d_ok[None, :]
         rows = offs_p.to(tl.int64)[:, None]
         kmn = tl.load(kmin_ptr + b * snb + h * snh + rows * snp + offs_d[None, :] * snd, mask=tile_ok, other=0.0)
-        kmx = tl.load(kmax_ptr + b * sxb + h * sxh + rows * sxp + offs_d[None, :] * sxd, mask=tile_ok, other=0.0)
-        if USE_DOT:
+        if COMPACT:  # one product with the page tokens; fp32 tokens take tf32x3 (tf32 would reorder pages)
+            if DOT_F32:
+                s = tl.dot(kmn.to(tl.float32), qt, input_precision=TOKEN_PREC)
+            else:
+                s = tl.dot(kmn, qt.to(kmn.dtype))
+            beta = tl.load(beta_ptr + b * sbb + h * sbh + offs_p * sbp, mask=p_ok, other=0.0).to(tl.float32)
+            lg = s * tau + beta[:, None]  # [BLOCK_P, GP]
+            tl.store(lh_ptr + bh.to(tl.int64) * lh_row + offs_g[None, :] * lh_g + offs_p[:, None], lg,
+                     mask=p_ok[:, None] & g_ok[None, :])
+            u = tl.max(tl.where(g_ok[None, :], lg, float("-inf")), axis=1)
+        else:
+            kmx = tl.load(kmax_ptr + b * sxb + h * sxh + rows * sxp + offs_d[None, :] * sxd, mask=tile_ok, other=0.0)
+        if USE_DOT and not COMPACT:
             if DOT_F32:  # the interpreter: its 16-bit tl.dot is wrong, the same products in fp32 are exact
                 kmn = kmn.to(tl.float32)
                 kmx = kmx.to(tl.float32)
@@ -90,8 +112,8 @@ def page_bounds_kernel(
                 s = tl.dot(kmn, q_neg, acc=s, input_precision="ieee")  # [BLOCK_P, GP]
             else:
                 s = tl.dot(kmn, q_neg, acc=tl.dot(kmx, q_pos))
-            u = tl.max(tl.where(g_ok[None, :], s, float("-inf")), axis=1)
-        else:
+            u = tl.max(tl.where(g_ok[None, :], s, float("-inf")), axis=1) * tau
+        elif not COMPACT:
             kmn = kmn.to(tl.float32)
             kmx = kmx.to(tl.float32)
             u = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -99,8 +121,9 @@ def page_bounds_kernel(
                 qg = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
                 s = tl.sum(tl.maximum(qg[None, :] * kmn, qg[None, :] * kmx), axis=1)
                 u = tl.maximum(u, s)
+            u = u * tau
         # entries past n_pages (row padding) hold -inf
-        u = tl.where(p_ok, u * tau, float("-inf"))
+        u = tl.where(p_ok, u, float("-inf"))
         tl.store(u_ptr + bh.to(tl.int64) * u_stride + offs_p, u, mask=offs_p < u_stride)
         if SB > 0:  # maxima of sub-blocks of SB pages: what select_pages_kernel thresholds on
             bm = tl.max(tl.reshape(u, [BLOCK_P // SB, SB]), axis=1)

@@ -4,13 +4,18 @@ One program per (batch, KV head, split) serves all G query heads of the group, s
 gathered key/value row is read once. A split reduces its slice of the read set to a partial
 state (``m``, ``l``, ``acc [G, dv]``, see ``merge.py``) and the feature-map subtraction partials
 ``wsum = sum_T w_j``, ``wv = sum_T w_j v_j``. With one split the program finalizes its rows
-itself; with more, ``merge.merge_kernel`` merges them. Launcher: ``topkphi/triton/decode.py``.
+itself; with more, ``merge.merge_kernel`` merges them. The fitted estimates (SPEC 8, ``estimates.py``)
+always take the merge: clusters add per-cluster sums of the retrieved rows to each split's partials;
+compact pages run as splits of their own (``sp >= n_rsplits``) over the pages' pseudo-tokens.
+Launcher: ``topkphi/triton/decode.py``.
 """
 
 import triton
 import triton.language as tl
 
-from topkphi.triton.kernels.merge import exp_diff, finalize
+from topkphi.triton.kernels.estimates import cluster_tile
+from topkphi.triton.kernels.merge import finalize
+from topkphi.triton.kernels.states import online_update
 
 
 @triton.jit
@@ -48,16 +53,20 @@ def summary_readout(f, s_ptr, z_ptr, bh, M, DV, BLOCK_M: tl.constexpr, BLOCK_DV:
 # n_anchor moves while the cache is shorter than sink + tail: unspecialized, it compiles once. Cache
 # strides stay specialized: they carry a factor d (a multiple of 16 on real models), so a growing
 # cache keeps their divisibility, and the hint lets gathered rows load 16 bytes wide
-@triton.jit(do_not_specialize=["n_anchor"])
+@triton.jit(do_not_specialize=["n_anchor", "n_pages", "n_rsplits"])
 def decode_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, nread_ptr,
     wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr, z_ptr, c_ptr, xm_ptr, xv_ptr,
+    lab_ptr, cks_ptr, pct_ptr, psc_ptr, pvs_ptr, pqk_ptr, lh_ptr, nu_ptr,
     out_ptr, rho_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, plam_ptr, pfs_ptr, pfz_ptr,
     s_qb, s_qh, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ib, s_ih, s_ir,
+    s_lb, s_lh, s_ln, s_hr, s_hg, s_nb, s_nh, s_nn, s_nd,
     Hkv, G, D, DV, M, R, n_anchor, n_splits, chunk, scale, sqrt_scale, half_nc_scale,
+    C, n_pages, n_rsplits, pchunk,
     GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_PHI: tl.constexpr, PHI_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, SPLIT: tl.constexpr,
     F32_DOTS: tl.constexpr, GDC: tl.constexpr = False, PHI_DOT16: tl.constexpr = False,
+    CLUSTER: tl.constexpr = False, PAGES: tl.constexpr = False, BLOCK_C: tl.constexpr = 16,
 ):
     """Grid (B*Hkv, n_splits): split s reduces read entries [s*chunk, min((s+1)*chunk, n_read)).
 
@@ -68,6 +77,11 @@ def decode_kernel(
     GDC: launched as a programmatic dependent of the selection kernel: the prologue (q, f_q, W_k)
     reads only q and the map's parameters, older than that kernel, and overlaps its tail.
     PHI_DOT16 (16-bit caches): w = f . e^T on the tensor cores in the cache dtype instead of tf32.
+    CLUSTER (SPLIT): labels ``lab`` beside the cache; each split stores its retrieved rows' per-cluster
+    count ``pct [B*Hkv, n_splits, C]``, scaled-score sums ``psc [.., G, C]`` and value sums ``pvs [.., C, dv]``;
+    split 0 reads out ``tau q.K_c`` (``cks``: the clusters' key sums) into ``pqk [B*Hq, C]`` before the wait.
+    PAGES (SPLIT): splits ``n_rsplits ..`` each fold ``pchunk`` pages' pseudo-tokens (logits ``lh [B*Hkv, G,
+    .]`` with the chosen pages at -inf, values ``nu [B, Hkv, n_pages, dv]``) into their partial state.
     """
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()
@@ -76,6 +90,7 @@ def decode_kernel(
     b = bh // Hkv
     g = bh % Hkv
     PREC: tl.constexpr = "ieee" if F32_DOTS else "tf32"
+    PREC3: tl.constexpr = "ieee" if F32_DOTS else "tf32x3"
 
     rows = tl.arange(0, GP)
     rmask = rows < G
@@ -110,6 +125,17 @@ def decode_kernel(
                 tl.store(plam_ptr + o_rows, tl.where(c_sum > float("-inf"), cq + c_sum, float("-inf")), mask=rmask)
                 tl.store(pfz_ptr + o_rows, fz, mask=rmask)
                 tl.store(pfs_ptr + o_rows[:, None] * DV + offs_v[None, :], fs, mask=rmask[:, None] & vmask[None, :])
+    if CLUSTER:
+        offs_c = tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        taken = tl.zeros([BLOCK_C], tl.float32)
+        tsc = tl.zeros([GP, BLOCK_C], tl.float32)
+        tv = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
+        if sp == 0:  # tau q.K_c: the key sums are older than the chain
+            ks = tl.load(cks_ptr + (bh * C + offs_c)[:, None] * D + offs_d[None, :],
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            qk = tl.dot(q, tl.trans(ks), input_precision=PREC3) * scale
+            tl.store(pqk_ptr + o_rows[:, None] * C + offs_c[None, :], qk, mask=rmask[:, None] & cmask[None, :])
     if GDC:
         tl.extra.cuda.gdc_wait()
     if HAS_PHI:
@@ -121,7 +147,7 @@ def decode_kernel(
 
     n_valid = tl.minimum(tl.load(nread_ptr + bh), R)
     start = sp * chunk
-    end = tl.minimum(start + chunk, n_valid)
+    end = tl.where(sp < n_rsplits, tl.minimum(start + chunk, n_valid), start)  # page splits read no tokens
     k_base = k_ptr + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
     v_base = v_ptr + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vh
     i_base = idx_ptr + b.to(tl.int64) * s_ib + g.to(tl.int64) * s_ih
@@ -140,12 +166,11 @@ def decode_kernel(
         else:
             s = tl.dot(q.to(k.dtype), tl.trans(k))
         s = tl.where(jm[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = exp_diff(m_i, m_new)
-        p = exp_diff(s, m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_update(s, v, m_i, l_i, acc, PREC)
+        if CLUSTER:
+            ret = jm & (offs_j >= n_anchor)
+            lab = tl.load(lab_ptr + b.to(tl.int64) * s_lb + g.to(tl.int64) * s_lh + pos * s_ln, mask=ret, other=-1)
+            taken, tsc, tv = cluster_tile(s, v, lab.to(tl.int32), ret, taken, tsc, tv, BLOCK_C, PREC, PREC3)
         if HAS_PHI:
             kf = k.to(tl.float32)
             lk = tl.dot(k, tl.trans(wk), input_precision=PREC) * sqrt_scale + bk[None, :]
@@ -159,6 +184,20 @@ def decode_kernel(
             wsum += tl.sum(w, 1)
             wv += tl.dot(w.to(v.dtype), v, input_precision=PREC)
 
+    if PAGES:  # this split's pages as pseudo-tokens; for a read split the range is empty
+        p_start = (sp - n_rsplits) * pchunk
+        p_end = tl.where(sp >= n_rsplits, tl.minimum(p_start + pchunk, n_pages), p_start)
+        h_base = lh_ptr + bh.to(tl.int64) * s_hr
+        n_base = nu_ptr + b.to(tl.int64) * s_nb + g.to(tl.int64) * s_nh
+        for p0 in range(p_start, p_end, BLOCK_N):
+            offs_p = p0 + tl.arange(0, BLOCK_N)
+            pmask = offs_p < p_end
+            lg = tl.load(h_base + rows[:, None] * s_hg + offs_p[None, :], mask=rmask[:, None] & pmask[None, :],
+                         other=float("-inf"))
+            nu = tl.load(n_base + offs_p.to(tl.int64)[:, None] * s_nn + offs_v[None, :] * s_nd,
+                         mask=pmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            m_i, l_i, acc = online_update(lg, nu, m_i, l_i, acc, PREC)
+
     amask = rmask[:, None] & vmask[None, :]
     if SPLIT:
         p_off = (bh * n_splits + sp) * G + rows
@@ -169,6 +208,13 @@ def decode_kernel(
         if HAS_PHI:
             tl.store(pw_ptr + p_off, -wsum, mask=rmask)
             tl.store(pwv_ptr + a_off, -wv, mask=amask)
+        if CLUSTER:
+            c_row = bh * n_splits + sp
+            tl.store(pct_ptr + c_row * C + offs_c, taken, mask=cmask)
+            tl.store(psc_ptr + (c_row * G + rows)[:, None] * C + offs_c[None, :], tsc,
+                     mask=rmask[:, None] & cmask[None, :])
+            tl.store(pvs_ptr + (c_row * C + offs_c)[:, None] * DV + offs_v[None, :], tv,
+                     mask=cmask[:, None] & vmask[None, :])
     else:
         n_phi = wv
         d_phi = wsum

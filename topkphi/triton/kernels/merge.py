@@ -16,20 +16,8 @@ Launcher: ``topkphi/triton/decode.py``.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def exp_diff(a, b):
-    """exp(a - b), 0 where a is -inf (b may be -inf too)."""
-    return tl.where(a == float("-inf"), 0.0, tl.exp(a - tl.where(b == float("-inf"), 0.0, b)))
-
-
-@triton.jit
-def state_merge(m_a, l_a, acc_a, m_b, l_b, acc_b):
-    """Merge two unnormalized softmax states (m [R], l [R], acc [R, dv]) into one."""
-    m = tl.maximum(m_a, m_b)
-    alpha = exp_diff(m_a, m)
-    beta = exp_diff(m_b, m)
-    return m, l_a * alpha + l_b * beta, acc_a * alpha[:, None] + acc_b * beta[:, None]
+from topkphi.triton.kernels.estimates import cluster_state
+from topkphi.triton.kernels.states import exp_diff, state_merge
 
 
 @triton.jit
@@ -71,34 +59,20 @@ def finalize(m, lsum, acc, lam, n_phi, d_phi, x_m, x_v, HAS_PHI: tl.constexpr, H
 
 
 @triton.jit
-def merge_kernel(
-    out_ptr, rho_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, plam_ptr, pfs_ptr, pfz_ptr, xm_ptr, xv_ptr,
-    G, DV, n_splits,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_PHI: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    GDC: tl.constexpr = False,
-):
-    """Grid (B*Hq,): merge one query head's n_splits partial states, add the estimates, normalize.
-
-    Row vectors are kept 2-D ([1, ...]) so ``finalize`` serves both kernels unchanged.
-    GDC: launched as a programmatic dependent of the decode kernel.
-    """
-    if GDC:
-        tl.extra.cuda.gdc_wait()
-    bq_head = tl.program_id(0)  # = (b * Hkv + g) * G + r
-    bh = bq_head // G
-    r = bq_head % G
+def merge_splits(pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, bh, r, G, DV, n_splits, lo, hi,
+                 BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_PHI: tl.constexpr):
+    """One query head's partial states of splits ``[lo, hi)`` merged: ``(m, l, acc, d_phi, n_phi)`` as
+    ``[1]`` / ``[1, dv]`` rows, with the feature map's additive partials summed when ``HAS_PHI``."""
     offs_v = tl.arange(0, BLOCK_DV)
     vmask = offs_v < DV
     offs_s = tl.arange(0, BLOCK_S)
-    one = tl.zeros([1], tl.int32)
-
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([1, BLOCK_DV], tl.float32)
     d_phi = tl.zeros([1], tl.float32)
     n_phi = tl.zeros([1, BLOCK_DV], tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        sm = (s0 + offs_s) < n_splits
+    for s0 in range(lo, hi, BLOCK_S):
+        sm = (s0 + offs_s) < hi
         p_off = (bh * n_splits + s0 + offs_s) * G + r  # [BLOCK_S]
         pm = tl.load(pm_ptr + p_off, mask=sm, other=float("-inf"))
         pl = tl.load(pl_ptr + p_off, mask=sm, other=0.0)
@@ -114,7 +88,37 @@ def merge_kernel(
         if HAS_PHI:  # the feature-map partials are additive
             d_phi += tl.sum(tl.load(pw_ptr + p_off, mask=sm, other=0.0), 0, keep_dims=True)
             n_phi += tl.sum(tl.load(pwv_ptr + a_off, mask=amask, other=0.0), 0, keep_dims=True)
+    return m_i, l_i, acc, d_phi, n_phi
 
+
+@triton.jit
+def merge_kernel(
+    out_ptr, rho_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, plam_ptr, pfs_ptr, pfz_ptr, xm_ptr, xv_ptr,
+    cnt_ptr, beta_ptr, cvs_ptr, pct_ptr, psc_ptr, pvs_ptr, pqk_ptr,
+    G, DV, n_splits, n_rsplits, C,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_PHI: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    GDC: tl.constexpr = False, CLUSTER: tl.constexpr = False, PAGES: tl.constexpr = False,
+    BLOCK_C: tl.constexpr = 16,
+):
+    """Grid (B*Hq,): merge one query head's partial states, add the estimates, normalize.
+
+    Splits ``[0, n_rsplits)`` read tokens; with PAGES the rest hold the compact pages' pseudo-tokens,
+    merged apart into the estimate. CLUSTER: the clusters' fitted count, beta and value sums
+    (``cnt, beta [B*Hkv, C]``, ``cvs [B*Hkv, C, dv]`` fp32) less the splits' retrieved sums become the
+    estimate (``estimates.cluster_state``). Row vectors are kept 2-D ([1, ...]) so ``finalize`` serves
+    both kernels unchanged. GDC: launched as a programmatic dependent of the decode kernel.
+    """
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+    bq_head = tl.program_id(0)  # = (b * Hkv + g) * G + r
+    bh = bq_head // G
+    r = bq_head % G
+    offs_v = tl.arange(0, BLOCK_DV)
+    vmask = offs_v < DV
+    one = tl.zeros([1], tl.int32)
+
+    m_i, l_i, acc, d_phi, n_phi = merge_splits(pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, bh, r, G, DV, n_splits,
+                                               0, n_rsplits, BLOCK_S, BLOCK_DV, HAS_PHI)
     lam = m_i
     if HAS_PHI:  # plus the summary's readout f^T z, f^T S (stored by split 0)
         d_phi += tl.load(pfz_ptr + bq_head + one)
@@ -125,7 +129,30 @@ def merge_kernel(
     if HAS_EXTRA:
         x_m = tl.load(xm_ptr + bq_head + one)
         x_v = tl.load(xv_ptr + bq_head * DV + offs_v[None, :], mask=vmask[None, :], other=0.0)
-    out, rho, lse = finalize(m_i, l_i, acc, lam, n_phi, d_phi, x_m, x_v, HAS_PHI, HAS_EXTRA)
+    if PAGES:
+        e_m, e_l, e_acc, _, _ = merge_splits(pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, bh, r, G, DV, n_splits,
+                                             n_rsplits, n_splits, BLOCK_S, BLOCK_DV, False)
+        some = e_l > 0.0
+        x_m = tl.where(some, e_m + tl.log(tl.where(some, e_l, 1.0)), float("-inf"))
+        x_v = e_acc / tl.where(some, e_l, 1.0)[:, None]
+    if CLUSTER:
+        offs_c = tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        cv_mask = cmask[:, None] & vmask[None, :]
+        taken = tl.zeros([BLOCK_C], tl.float32)
+        tsc = tl.zeros([BLOCK_C], tl.float32)
+        tv = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
+        for sp in range(0, n_splits):  # the retrieved members' sums are additive over splits
+            c_row = bh * n_splits + sp
+            taken += tl.load(pct_ptr + c_row * C + offs_c, mask=cmask, other=0.0)
+            tsc += tl.load(psc_ptr + (c_row * G + r) * C + offs_c, mask=cmask, other=0.0)
+            tv += tl.load(pvs_ptr + (c_row * C + offs_c)[:, None] * DV + offs_v[None, :], mask=cv_mask, other=0.0)
+        x_m, x_v = cluster_state(tl.load(cnt_ptr + bh * C + offs_c, mask=cmask, other=0.0),
+                                 tl.load(beta_ptr + bh * C + offs_c, mask=cmask, other=0.0),
+                                 tl.load(cvs_ptr + (bh * C + offs_c)[:, None] * DV + offs_v[None, :], mask=cv_mask,
+                                         other=0.0),
+                                 tl.load(pqk_ptr + bq_head * C + offs_c, mask=cmask, other=0.0), taken, tsc, tv)
+    out, rho, lse = finalize(m_i, l_i, acc, lam, n_phi, d_phi, x_m, x_v, HAS_PHI, HAS_EXTRA or PAGES or CLUSTER)
     tl.store(out_ptr + bq_head * DV + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=vmask[None, :])
     tl.store(rho_ptr + bq_head + one, rho)
     tl.store(lse_ptr + bq_head + one, lse)

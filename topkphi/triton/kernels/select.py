@@ -13,22 +13,31 @@ import triton.language as tl
 
 @triton.jit
 def _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read64_ptr, n_read32_ptr, n_take, R, first_page,
-                      page_size, sink_end, mid_start, mid_end, n_anchor, BLOCK_K: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_PAD: tl.constexpr):
+                      page_size, sink_end, mid_start, mid_end, n_anchor, front, back, BLOCK_K: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_PAD: tl.constexpr, COMPACT: tl.constexpr):
     """Expand the chosen pages (``keys [BLOCK_K]``, ascending, the first ``n_take`` valid) into the
-    read index ``[anchors | mid tokens ascending | -1 ...]`` and store the head's counts."""
+    read index ``[anchors | mid tokens ascending | -1 ...]`` and store the head's counts. COMPACT: the
+    pages are complete ones; the ``front`` and ``back`` fragments of mid around them (SPEC 8.2) are
+    read too, before and after them."""
     # tokens of the chosen pages, clipped to mid; only page 0 (start) and the last page (end)
     # can be partial, so dropping page 0's leading tokens is the only shift
     j = tl.arange(0, BLOCK_K)[:, None]
     t = tl.arange(0, BLOCK_T)[None, :]
     pos = (keys.to(tl.int64) + first_page)[:, None] * page_size + t
     ok = (j < n_take) & (t < page_size) & (pos >= mid_start) & (pos < mid_end)
-    front = mid_start - first_page * page_size
-    shift = tl.where(tl.min(keys, axis=0) == 0, front, 0)
-    dest = n_anchor + j * page_size + t - shift
     out = idx_ptr + row * R
+    if COMPACT:
+        dest = n_anchor + front + j * page_size + t
+    else:
+        shift = tl.where(tl.min(keys, axis=0) == 0, mid_start - first_page * page_size, 0)
+        dest = n_anchor + j * page_size + t - shift
     tl.store(out + dest, pos, mask=ok)
     n_sel = tl.sum(tl.sum(ok.to(tl.int32), axis=1), axis=0)
+    if COMPACT:
+        f = tl.arange(0, BLOCK_T)
+        tl.store(out + n_anchor + f, (mid_start + f).to(tl.int64), mask=f < front)
+        tl.store(out + n_anchor + front + n_sel + f, (mid_end - back + f).to(tl.int64), mask=f < back)
+        n_sel += front + back
     pad = n_anchor + n_sel + tl.arange(0, BLOCK_PAD)
     tl.store(out + pad, tl.full([BLOCK_PAD], -1, tl.int64), mask=pad < R)
     a = tl.arange(0, BLOCK_A)
@@ -93,7 +102,8 @@ def _search_tile(keys, kth, lo, hi, stop_at):
     return lo
 
 
-@triton.jit(do_not_specialize=["n_pages", "n_sb", "first_page", "sink_end", "mid_start", "mid_end"])
+@triton.jit(do_not_specialize=["n_pages", "n_sb", "first_page", "sink_end", "mid_start", "mid_end", "front",
+                               "back"])
 def select_pages_kernel(
     u_ptr,
     bm_ptr,
@@ -115,6 +125,12 @@ def select_pages_kernel(
     mid_start,
     mid_end,
     n_anchor,
+    front,
+    back,
+    lh_ptr,
+    lh_row,
+    lh_g,
+    G,
     SB: tl.constexpr,
     CH: tl.constexpr,
     CHS: tl.constexpr,
@@ -123,6 +139,8 @@ def select_pages_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_PAD: tl.constexpr,
     GDC: tl.constexpr = False,
+    COMPACT: tl.constexpr = False,
+    GK: tl.constexpr = 1,
 ):
     """The ``n_take`` pages of largest bound, ties to the smaller page, without a sort of the row.
 
@@ -136,7 +154,10 @@ def select_pages_kernel(
        already in page order, so nothing is sorted.
     Rows with more than CH sub-blocks or more than CHS candidate sub-blocks (long runs of ties) take
     a chunked path through ``work_ptr`` (int64 ``[rows, 2 * n_pages + n_sb]``): slower, same pages.
-    GDC: launched as a programmatic dependent of the bound kernel (waits for it before any access)."""
+    GDC: launched as a programmatic dependent of the bound kernel (waits for it before any access).
+    COMPACT: ``u`` are compact page scores (SPEC 8.2): the read index takes the fragments of mid around
+    the complete pages, and the chosen pages' per-head logits ``lh [rows, G, .]`` become -inf (they are
+    read exactly, so the decode's pseudo-tokens leave them out)."""
     if GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -233,5 +254,10 @@ def select_pages_kernel(
     tl.debug_barrier()
     kk = tl.arange(0, BLOCK_K)
     keys = tl.load(pages_row + kk, mask=kk < n_take, other=n_pages)  # ascending already
+    if COMPACT:
+        gg = tl.arange(0, GK)[None, :]
+        tl.store(lh_ptr + row * lh_row + gg * lh_g + keys[:, None], tl.full([BLOCK_K, GK], float("-inf"), tl.float32),
+                 mask=(kk < n_take)[:, None] & (gg < G))
     _write_read_index(keys, row, bh, idx_ptr, n_sel_ptr, n_read64_ptr, n_read32_ptr, n_take, R, first_page,
-                      page_size, sink_end, mid_start, mid_end, n_anchor, BLOCK_K, BLOCK_T, BLOCK_A, BLOCK_PAD)
+                      page_size, sink_end, mid_start, mid_end, n_anchor, front, back, BLOCK_K, BLOCK_T, BLOCK_A,
+                      BLOCK_PAD, COMPACT)
