@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import topkphi
 from topkphi.regions import Regions, n_selected_pages, page_span
+from topkphi.summary import complete_pages
 from topkphi.step import plan_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +86,11 @@ def step_bytes(cfg: topkphi.Config, n_tokens: int, n_kv: int, d: int, elem: int)
     first, n_pages = page_span(regions.mid_start, regions.mid_end, cfg.page_size)
     if cfg.selection == "exact":
         n_sel, select = min(cfg.top_k, regions.n_mid), regions.n_mid * d * elem
+    elif cfg.selection == "compact":  # fp32 compact tokens: kappa and beta to select, nu to estimate
+        first, n_pages = complete_pages(regions.mid_start, regions.mid_end, cfg.page_size)
+        n_take = n_selected_pages(cfg.top_k, cfg.page_size, n_pages)
+        n_sel = regions.n_mid - (n_pages - n_take) * cfg.page_size
+        select = n_pages * (d + 1 + (d if cfg.estimator == "compact" else 0)) * 4
     else:
         n_take = n_selected_pages(cfg.top_k, cfg.page_size, n_pages)
         n_sel, select = n_take * cfg.page_size, 2 * n_pages * d * elem
@@ -138,7 +144,8 @@ def main() -> None:
     parser.add_argument("--selection", nargs="+", default=["exact", "page"])
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--estimators", nargs="+", default=["none", "prf"],
-                        help="none, prf, cluster (fitted from 256 random reference rows; its fit is timed)")
+                        help="none, prf, cluster, compact (with --selection compact only); fitted summaries "
+                             "are fitted from 256 random reference rows, their fit timed")
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the per-stage page-selection table (select vs attend, chained vs plain)")
@@ -183,6 +190,8 @@ def main() -> None:
         for selection in args.selection:
             for top_k in args.top_k:
                 for feature_map in (None if e == "none" else e for e in args.estimators):
+                    if feature_map == "compact" and selection != "compact":
+                        continue  # the compact estimate is the compact selection's tokens
                     cfg = topkphi.Config(n_sink=4, n_tail=64, top_k=top_k, selection=selection, page_size=16,
                                          feature_map=feature_map, n_features=64)
                     queries = None
@@ -194,7 +203,7 @@ def main() -> None:
                     summary = be.build_summary(k, v, cfg, queries=queries)
                     sync()
                     if cfg.fitted:
-                        print(f"  fit {feature_map} at {n}: {1000 * (time.perf_counter() - fit_start):.1f} ms "
+                        print(f"  fit {selection}/{feature_map} at {n}: {1000 * (time.perf_counter() - fit_start):.1f} ms "
                               "(one layer, first call includes warm-up)", flush=True)
                     step = functools.partial(be.decode, q, k, v, summary, cfg)
                     eager = median_ms(step, args.reps)
@@ -205,6 +214,8 @@ def main() -> None:
                     best = min(eager, graph) if graph else eager
                     nbytes = step_bytes(cfg, n, Hkv, d, elem)
                     method = f"topk+{feature_map}" if feature_map else "topk only"
+                    if selection == "compact":
+                        method = f"cmp+{feature_map}" if feature_map else "cmp only"
                     rows.append((n, method, selection, top_k, eager, graph, nbytes, dense_ms))
                     if selection == "page" and triton and not args.no_breakdown:
                         stages.append((n, method, top_k, dense_ms,

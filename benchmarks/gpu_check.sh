@@ -4,8 +4,9 @@
 # (benchmarks/decode_attention.py, page selection), step-long (the same at 128k and 512k only), kernel
 # (benchmarks/kernel_decode.py at 2k-8k read tokens), kernel-2k (at 2116 read tokens), kernel-tests (the decode
 # kernel and backend parity tests), ncu (Nsight Compute on the 128k step's kernels), smoke (every benchmark at a
-# tiny size, a check that it runs), step-fitted (the step at 128k and 512k, top_k 2048, with no estimator, prf and the
-# fitted clusters; the cluster fit timed), fitted-tests (torch CUDA parity of the fitted summaries). Logs go to $OUT. Kernel errors raise (the backend never falls back silently;
+# tiny size, a check that it runs), step-fitted (the step at 128k and 512k, top_k 2048: page selection with no
+# estimator, prf and the fitted clusters, compact selection with none, clusters and its own pages; the fits timed),
+# step-fitted-128k (the same at 128k only), fitted-tests (torch CUDA and Triton parity of the fitted summaries). Logs go to $OUT. Kernel errors raise (the backend never falls back silently;
 # the step benchmarks print the path each primitive took, `path: TritonPath(select=..., attend=...)`).
 #   bash benchmarks/gpu_check.sh "tests step"        # default: tests step
 set -o pipefail
@@ -18,7 +19,8 @@ what=" ${1:-tests step} "
   | tee "$OUT/device.log"
 if [[ $what == *" tests "* ]]; then
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_triton_select.py \
-    tests/backends/test_triton_backend.py tests/kernels/test_triton_decode.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+    tests/backends/test_triton_backend.py tests/backends/test_triton_fitted.py tests/kernels/test_triton_decode.py 2>&1 \
+    | tail -15 | tee "$OUT/tests.log"
 fi
 if [[ $what == *" select-tests "* ]]; then
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_triton_select.py 2>&1 | tail -15 \
@@ -43,10 +45,16 @@ if [[ $what == *" fitted-tests "* ]]; then
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_torch_fitted.py \
     tests/backends/test_torch_backend.py -k "cuda or fitted or cluster or compact" 2>&1 | tail -5 \
     | tee "$OUT/fitted_tests.log"
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_triton_fitted.py 2>&1 | tail -5 \
+    | tee -a "$OUT/fitted_tests.log"
 fi
 if [[ $what == *" step-fitted "* ]]; then
-  timeout 300 python3 benchmarks/decode_attention.py --selection page --n 131072 524288 --top-k 2048 --reps 30 \
-    --estimators none prf cluster 2>&1 | tee "$OUT/decode_attention_fitted.log"
+  timeout 300 python3 benchmarks/decode_attention.py --selection page compact --n 131072 524288 --top-k 2048 \
+    --reps 30 --estimators none prf cluster compact 2>&1 | tee "$OUT/decode_attention_fitted.log"
+fi
+if [[ $what == *" step-fitted-128k "* ]]; then
+  timeout 200 python3 benchmarks/decode_attention.py --selection page compact --n 131072 --top-k 2048 --reps 30 \
+    --estimators none cluster compact 2>&1 | tee "$OUT/decode_attention_fitted.log"
 fi
 if [[ $what == *" kernel-tests "* ]]; then
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_triton_decode.py \

@@ -250,10 +250,11 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, feature_map=None
         BLOCK_C=p2(C, lo), num_warps=num_warps, **pdl,
     )
     if use_merge:
-        merge_kernel[(B * Hq,)](
+        merge_dv = min(BDV, 32) if clusters is not None else BDV  # see merge_kernel
+        merge_kernel[(B * Hq, triton.cdiv(DV, merge_dv))](
             out, rho, lse, pm, pl, pacc, pw, pwv, plam, pfs, pfz, x_m, x_v,
             cnt, cbeta, cvs, pct, psc, pvs, pqk, G, DV, n_splits, n_rsplits, C,
-            BLOCK_S=min(32, p2(n_splits, 2)), BLOCK_DV=BDV, HAS_PHI=has_phi, HAS_EXTRA=has_extra, GDC=chained,
+            BLOCK_S=min(32, p2(n_splits, 2)), BLOCK_DV=merge_dv, HAS_PHI=has_phi, HAS_EXTRA=has_extra, GDC=chained,
             CLUSTER=clusters is not None, PAGES=n_psplits > 0, BLOCK_C=p2(C, lo), num_warps=4, **pdl,
         )
     return out, rho, lse

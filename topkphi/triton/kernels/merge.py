@@ -59,11 +59,12 @@ def finalize(m, lsum, acc, lam, n_phi, d_phi, x_m, x_v, HAS_PHI: tl.constexpr, H
 
 
 @triton.jit
-def merge_splits(pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, bh, r, G, DV, n_splits, lo, hi,
+def merge_splits(pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, bh, r, G, DV, n_splits, lo, hi, v0,
                  BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_PHI: tl.constexpr):
     """One query head's partial states of splits ``[lo, hi)`` merged: ``(m, l, acc, d_phi, n_phi)`` as
-    ``[1]`` / ``[1, dv]`` rows, with the feature map's additive partials summed when ``HAS_PHI``."""
-    offs_v = tl.arange(0, BLOCK_DV)
+    ``[1]`` / ``[1, BLOCK_DV]`` rows (value columns ``v0 ..``), with the feature map's additive partials
+    summed when ``HAS_PHI``."""
+    offs_v = v0 + tl.arange(0, BLOCK_DV)
     vmask = offs_v < DV
     offs_s = tl.arange(0, BLOCK_S)
     m_i = tl.full([1], float("-inf"), tl.float32)
@@ -100,7 +101,9 @@ def merge_kernel(
     GDC: tl.constexpr = False, CLUSTER: tl.constexpr = False, PAGES: tl.constexpr = False,
     BLOCK_C: tl.constexpr = 16,
 ):
-    """Grid (B*Hq,): merge one query head's partial states, add the estimates, normalize.
+    """Grid (B*Hq, value chunks): merge one query head's partial states, add the estimates, normalize.
+    A program serves ``BLOCK_DV`` value columns (all of them but with clusters, whose per-split value
+    sums it reads: chunks spread that read over more programs); the masses are the same in each.
 
     Splits ``[0, n_rsplits)`` read tokens; with PAGES the rest hold the compact pages' pseudo-tokens,
     merged apart into the estimate. CLUSTER: the clusters' fitted count, beta and value sums
@@ -113,12 +116,13 @@ def merge_kernel(
     bq_head = tl.program_id(0)  # = (b * Hkv + g) * G + r
     bh = bq_head // G
     r = bq_head % G
-    offs_v = tl.arange(0, BLOCK_DV)
+    v0 = tl.program_id(1) * BLOCK_DV
+    offs_v = v0 + tl.arange(0, BLOCK_DV)
     vmask = offs_v < DV
     one = tl.zeros([1], tl.int32)
 
     m_i, l_i, acc, d_phi, n_phi = merge_splits(pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, bh, r, G, DV, n_splits,
-                                               0, n_rsplits, BLOCK_S, BLOCK_DV, HAS_PHI)
+                                               0, n_rsplits, v0, BLOCK_S, BLOCK_DV, HAS_PHI)
     lam = m_i
     if HAS_PHI:  # plus the summary's readout f^T z, f^T S (stored by split 0)
         d_phi += tl.load(pfz_ptr + bq_head + one)
@@ -131,7 +135,7 @@ def merge_kernel(
         x_v = tl.load(xv_ptr + bq_head * DV + offs_v[None, :], mask=vmask[None, :], other=0.0)
     if PAGES:
         e_m, e_l, e_acc, _, _ = merge_splits(pm_ptr, pl_ptr, pacc_ptr, pw_ptr, pwv_ptr, bh, r, G, DV, n_splits,
-                                             n_rsplits, n_splits, BLOCK_S, BLOCK_DV, False)
+                                             n_rsplits, n_splits, v0, BLOCK_S, BLOCK_DV, False)
         some = e_l > 0.0
         x_m = tl.where(some, e_m + tl.log(tl.where(some, e_l, 1.0)), float("-inf"))
         x_v = e_acc / tl.where(some, e_l, 1.0)[:, None]
