@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 import topkphi
 from topkphi.regions import Regions, n_selected_pages, page_span
-from topkphi.summary import complete_pages
 from topkphi.step import plan_step
+from topkphi.summary import complete_pages
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # the interpreter's 16-bit dots are unreliable
@@ -203,7 +203,8 @@ def main() -> None:
                     summary = be.build_summary(k, v, cfg, queries=queries)
                     sync()
                     if cfg.fitted:
-                        print(f"  fit {selection}/{feature_map} at {n}: {1000 * (time.perf_counter() - fit_start):.1f} ms "
+                        fit_ms = 1000 * (time.perf_counter() - fit_start)
+                        print(f"  fit {selection}/{feature_map} at {n}: {fit_ms:.1f} ms "
                               "(one layer, first call includes warm-up)", flush=True)
                     step = functools.partial(be.decode, q, k, v, summary, cfg)
                     eager = median_ms(step, args.reps)

@@ -175,7 +175,7 @@ def fused_decode(q, k, v, read_idx, n_read=None, *, scale=None, feature_map=None
         norm_coef, n_anchor = float(fm.norm_coef), int(fm.n_anchor)
     has_extra = estimate is not None
     if sum(x is not None for x in (feature_map or estimate, clusters, pages)) > 1:
-        raise ValueError("clusters and pages are estimates of their own: pass neither feature_map nor estimate with them")
+        raise ValueError("clusters and pages are estimates of their own: pass no feature_map or estimate with them")
     x_m = x_v = n_read  # never read without an estimate
     if has_extra:
         x_m, x_v = f32(estimate.log_mass), f32(estimate.value)

@@ -75,7 +75,7 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tau: fl
         u = page_bounds(q, kmin, kmax, 64 ** -0.5)   # [1, 2, 40]; TRITON_INTERPRET=1 on CPU
     """
     B, Hq, D = q.shape
-    Hkv, n_pages = kmin.shape[1], kmin.shape[2]
+    Hkv = kmin.shape[1]
     if Hq % Hkv or kmin.shape != kmax.shape or kmin.shape[0] != B or kmin.shape[3] != D:
         raise ValueError(f"shapes q {tuple(q.shape)}, kmin {tuple(kmin.shape)}, kmax {tuple(kmax.shape)}")
     native_dot = q.dtype == kmin.dtype == kmax.dtype and q.dtype in (torch.bfloat16, torch.float16)

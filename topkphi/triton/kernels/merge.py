@@ -5,9 +5,9 @@ A partial state is ``(m, l, acc)``: running max ``m``, mass ``exp(m) * l`` and w
 of the unread mid and normalizes once:
 
 - the feature map's ``(lam, n_phi, d_phi)``, computed inside the decode kernel (SPEC 4-5);
-- an estimate computed outside the kernel (clusters, compact pages: SPEC 8), handed in per query
-  head as log-mass ``x_m = lam + log d_phi`` and value ``x_v = n_phi / d_phi``: the state
-  ``(x_m, 1, x_v)``, one more split of the merge.
+- one more state ``(x_m, 1, x_v)`` per query head (log-mass ``x_m = lam + log d_phi``, value
+  ``x_v = n_phi / d_phi``): an estimate computed outside the kernel, the clusters' pseudo-tokens
+  (``estimates.cluster_state``) or the merged page splits of the compact pages (SPEC 8).
 
 It returns ``out``, ``rho`` (the estimated share of the mass) and ``lse = m* + log(den)``.
 Launcher: ``topkphi/triton/decode.py``.
