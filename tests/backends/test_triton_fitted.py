@@ -147,16 +147,17 @@ def test_compact_selection_takes_the_best_pages_and_the_fragments(name, fields, 
     plan = plan_step(cfg, summary, k.shape[2], q.shape[-1], v.shape[-1])
     ref = _scores64(rounded[0], o_sum, tau)  # [B,Hkv,G,n]
     u, logits, _ = compact_scores(q, summary.pages.kappa, summary.pages.beta, tau)
-    scale = np.abs(ref).max()
-    np.testing.assert_allclose(as64(u), ref.max(2), atol=1e-6 * scale)
+    # exact products under the interpreter; on the GPU fp32 tokens meet a 16-bit q as hi + lo halves
+    scale = np.abs(ref).max() * (1e-6 if DEVICE == "cpu" else 3e-5)
+    np.testing.assert_allclose(as64(u), ref.max(2), atol=scale)
     n = ref.shape[-1]
-    np.testing.assert_allclose(as64(logits[:, :, :n]).reshape(ref.shape), ref, atol=1e-6 * scale)
+    np.testing.assert_allclose(as64(logits[:, :, :n]).reshape(ref.shape), ref, atol=scale)
     twin = TorchBackend().read_set(q, k, summary, plan, cfg, tau)
     for tile in (None, 64):  # 64: the chunked paths
         reads = compact_read_set(q, summary.pages, tau, plan.n_take, cfg.page_size, plan.regions, tile=tile)
         assert isinstance(reads, KernelReadSet) and reads.pages is not None
         ranked = -np.sort(-ref.max(2), axis=-1)
-        if np.min(ranked[..., plan.n_take - 1] - ranked[..., plan.n_take]) < 1e-5 * scale:
+        if np.min(ranked[..., plan.n_take - 1] - ranked[..., plan.n_take]) < 10 * scale:
             pytest.skip("scores at the cut too close to compare selections across precisions")
         assert torch.equal(reads.idx, twin.idx) and torch.equal(reads.n_selected, twin.n_selected)
         assert torch.equal(reads.n_read32.long(), twin.n_read)
@@ -168,7 +169,7 @@ def test_compact_selection_takes_the_best_pages_and_the_fragments(name, fields, 
         mask = np.broadcast_to(chosen.numpy().reshape(*ref.shape[:2], 1, n), ref.shape)
         got = as64(reads.pages.logits[:, :, :n]).reshape(ref.shape)
         assert np.isneginf(got[mask]).all() and mask.any()
-        np.testing.assert_allclose(got[~mask], ref[~mask], atol=1e-6 * scale)
+        np.testing.assert_allclose(got[~mask], ref[~mask], atol=scale)
     _, ref_stats = ORACLE.decode(*rounded, o_sum, cfg)
     _, stats = be.decode(q, k, v, summary, cfg)
     np.testing.assert_array_equal(stats.selected.cpu().numpy(), ref_stats.selected)

@@ -94,8 +94,8 @@ def compact_scores(q: torch.Tensor, kappa: torch.Tensor, beta: torch.Tensor, tau
                    chained: bool = False):
     """``(u [B,Hkv,n], logits [B*Hkv, G, >= n], bm)`` fp32 (SPEC 8.2): ``logits`` every head's ``tau
     q_h.kappa_p + beta_p``, ``u`` their maximum over the group, ``bm`` as in ``page_bounds`` (``sub_block``).
-    ``kappa [B,Hkv,n,d]``, ``beta [B,Hkv,n]`` any float dtype and strides; fp32 tokens are scored in
-    tf32x3 on the GPU (ieee under the interpreter), 16-bit ones of q's dtype on the tensor cores."""
+    ``kappa [B,Hkv,n,d]``, ``beta [B,Hkv,n]`` any float dtype and strides; 16-bit tokens of q's dtype are
+    scored on the tensor cores, fp32 ones as ``_token_precision`` says."""
     B, Hq, D = q.shape
     Hkv, n_pages = kappa.shape[1], kappa.shape[2]
     if Hq % Hkv or kappa.shape[0] != B or kappa.shape[3] != D or beta.shape != kappa.shape[:3]:
@@ -106,6 +106,17 @@ def compact_scores(q: torch.Tensor, kappa: torch.Tensor, beta: torch.Tensor, tau
     u, bm = _scores(q, kappa, kappa, beta, logits, tau, sub_block, tiling[0], tiling[1], tiling[2], tiling[3], True,
                     native, chained)
     return u, logits, bm
+
+
+def _token_precision(q: torch.Tensor, kappa: torch.Tensor, interp: bool) -> str:
+    """How the score kernel multiplies fp32 compact tokens: exactly under the interpreter; on the GPU, for a
+    16-bit q, as two 16-bit products of kappa's high and low halves (~2^-17 relative, tensor cores; tf32x3
+    ran the 128k scores at half the bound kernel's speed, H200), else tf32x3."""
+    if interp:
+        return "ieee"
+    if kappa.dtype == torch.float32 and q.dtype in (torch.bfloat16, torch.float16):
+        return "split16"
+    return "tf32x3"
 
 
 def _scores(q, kmin, kmax, beta, logits, tau, sub_block, block_p, blocks_per_program, num_stages, num_warps, use_dot,
@@ -127,7 +138,7 @@ def _scores(q, kmin, kmax, beta, logits, tau, sub_block, block_p, blocks_per_pro
             q, kmin, kmax, u, bm, bm.shape[-1], *q.stride(), *kmin.stride(), *kmax.stride(), *beta_args, Hkv, n_pages,
             u.shape[-1], D, float(tau), blocks_per_program, G=Hq // Hkv, BLOCK_P=block_p, BLOCK_D=p2(D, 16),
             SB=sub_block, NUM_STAGES=num_stages, USE_DOT=use_dot, GP=p2(Hq // Hkv, 16), GDC=chained,
-            DOT_F32=not native_dot or interp, COMPACT=compact, TOKEN_PREC="ieee" if interp else "tf32x3",
+            DOT_F32=not native_dot or interp, COMPACT=compact, TOKEN_PREC=_token_precision(q, kmin, interp),
             num_warps=num_warps,
         )
     return u[..., :n_pages], bm

@@ -92,8 +92,13 @@ def page_bounds_kernel(
         tile_ok = p_ok[:, None] & d_ok[None, :]
         rows = offs_p.to(tl.int64)[:, None]
         kmn = tl.load(kmin_ptr + b * snb + h * snh + rows * snp + offs_d[None, :] * snd, mask=tile_ok, other=0.0)
-        if COMPACT:  # one product with the page tokens; fp32 tokens take tf32x3 (tf32 would reorder pages)
-            if DOT_F32:
+        if COMPACT:  # one product with the page tokens, fp32 sums
+            if TOKEN_PREC == "split16":  # fp32 tokens, 16-bit q: kappa = hi + lo in q's dtype, two exact products
+                q16 = qt.to(q_ptr.dtype.element_ty)
+                k_hi = kmn.to(q_ptr.dtype.element_ty)
+                k_lo = (kmn - k_hi.to(tl.float32)).to(q_ptr.dtype.element_ty)
+                s = tl.dot(k_lo, q16, acc=tl.dot(k_hi, q16))
+            elif DOT_F32:
                 s = tl.dot(kmn.to(tl.float32), qt, input_precision=TOKEN_PREC)
             else:
                 s = tl.dot(kmn, qt.to(kmn.dtype))

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from topkphi.triton.kernels.estimates import cluster_tile
 from topkphi.triton.kernels.merge import finalize
-from topkphi.triton.kernels.states import online_update
+from topkphi.triton.kernels.states import exp_diff, online_update
 
 
 @triton.jit
@@ -196,7 +196,17 @@ def decode_kernel(
                          other=float("-inf"))
             nu = tl.load(n_base + offs_p.to(tl.int64)[:, None] * s_nn + offs_v[None, :] * s_nd,
                          mask=pmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            m_i, l_i, acc = online_update(lg, nu, m_i, l_i, acc, PREC)
+            if F32_DOTS:
+                m_i, l_i, acc = online_update(lg, nu, m_i, l_i, acc, PREC)
+            else:  # a 16-bit cache: weights in its dtype as for tokens, nu as hi + lo halves (tensor cores)
+                nu_hi = nu.to(k_ptr.dtype.element_ty)
+                nu_lo = (nu - nu_hi.to(tl.float32)).to(k_ptr.dtype.element_ty)
+                m_new = tl.maximum(m_i, tl.max(lg, 1))
+                alpha = exp_diff(m_i, m_new)
+                p16 = exp_diff(lg, m_new[:, None]).to(k_ptr.dtype.element_ty)
+                l_i = l_i * alpha + tl.sum(p16.to(tl.float32), 1)
+                acc = acc * alpha[:, None] + tl.dot(p16, nu_lo, acc=tl.dot(p16, nu_hi))
+                m_i = m_new
 
     amask = rmask[:, None] & vmask[None, :]
     if SPLIT:

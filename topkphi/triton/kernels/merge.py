@@ -99,7 +99,7 @@ def merge_kernel(
     G, DV, n_splits, n_rsplits, C,
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_PHI: tl.constexpr, HAS_EXTRA: tl.constexpr,
     GDC: tl.constexpr = False, CLUSTER: tl.constexpr = False, PAGES: tl.constexpr = False,
-    BLOCK_C: tl.constexpr = 16,
+    BLOCK_C: tl.constexpr = 16, UNROLL: tl.constexpr = 8,
 ):
     """Grid (B*Hq, value chunks): merge one query head's partial states, add the estimates, normalize.
     A program serves ``BLOCK_DV`` value columns (all of them but with clusters, whose per-split value
@@ -146,11 +146,15 @@ def merge_kernel(
         taken = tl.zeros([BLOCK_C], tl.float32)
         tsc = tl.zeros([BLOCK_C], tl.float32)
         tv = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
-        for sp in range(0, n_splits):  # the retrieved members' sums are additive over splits
-            c_row = bh * n_splits + sp
-            taken += tl.load(pct_ptr + c_row * C + offs_c, mask=cmask, other=0.0)
-            tsc += tl.load(psc_ptr + (c_row * G + r) * C + offs_c, mask=cmask, other=0.0)
-            tv += tl.load(pvs_ptr + (c_row * C + offs_c)[:, None] * DV + offs_v[None, :], mask=cv_mask, other=0.0)
+        # the retrieved members' sums are additive over splits; UNROLL splits' loads in flight at once
+        for s0 in range(0, n_splits, UNROLL):
+            for i in tl.static_range(UNROLL):
+                c_ok = cmask & (s0 + i + offs_c * 0 < n_splits)
+                c_row = bh * n_splits + s0 + i
+                taken += tl.load(pct_ptr + c_row * C + offs_c, mask=c_ok, other=0.0)
+                tsc += tl.load(psc_ptr + (c_row * G + r) * C + offs_c, mask=c_ok, other=0.0)
+                tv += tl.load(pvs_ptr + (c_row * C + offs_c)[:, None] * DV + offs_v[None, :],
+                              mask=c_ok[:, None] & vmask[None, :], other=0.0)
         x_m, x_v = cluster_state(tl.load(cnt_ptr + bh * C + offs_c, mask=cmask, other=0.0),
                                  tl.load(beta_ptr + bh * C + offs_c, mask=cmask, other=0.0),
                                  tl.load(cvs_ptr + (bh * C + offs_c)[:, None] * DV + offs_v[None, :], mask=cv_mask,
