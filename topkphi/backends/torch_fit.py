@@ -11,7 +11,7 @@ import math
 import torch
 
 from topkphi.backends.numpy_fit import BETA_SHRINK, LLOYD_ITERATIONS, RIDGE
-from topkphi.backends.torch_ops import topk_ascending
+from topkphi.backends.torch_ops import topk_mask
 from topkphi.config import Config
 from topkphi.step import NEG_INF
 from topkphi.summary import ReferenceQueries
@@ -139,10 +139,8 @@ def fit_beta(q_rows, positions, k, labels, lo: int, hi: int, cfg: Config) -> tor
         for rows, s, lse in reference_chunks(q_rows, positions, k, cfg.tau(k.shape[3])):
             s_mid = s[..., lo:hi]
             row_mid = (j >= cfg.n_sink) & (j[None] < positions[rows, None] + 1 - cfg.n_tail)  # its own mid
-            take = topk_ascending(s_mid.masked_fill(~row_mid, NEG_INF), n_take)
-            taken = torch.zeros((*take.shape[:3], hi - lo + 1), dtype=torch.bool, device=k.device)
-            taken.scatter_(-1, torch.where(take >= 0, take, hi - lo), True)
-            unread = row_mid & ~taken[..., : hi - lo]
+            # each row's own Top-K as a mask: a threshold and the ties at it, no sort of positions
+            unread = row_mid & ~topk_mask(s_mid.masked_fill(~row_mid, NEG_INF), n_take)
             prob = torch.where(unread, torch.exp(s_mid - lse[..., None]), 0.0)
             t += (prob @ onehot).sum(2)
             n_unread = unread.to(torch.float32) @ onehot  # [B,H,r,C]

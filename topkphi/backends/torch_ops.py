@@ -90,17 +90,22 @@ def page_extrema(k: torch.Tensor, start: int, end: int, first_page: int, page_si
 # ---------------------------------------------------------------- selection (SPEC 3, 8.2)
 
 
-def topk_ascending(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[..., k]`` (ascending) of the ``k`` largest entries of ``a [..., n]``, ties to the
-    smaller index: everything above the k-th value, then the first tied entries in position order."""
-    n = a.shape[-1]
+def topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask ``[..., n]`` of the ``k`` largest entries of ``a [..., n]``, ties to the smaller index:
+    everything above the k-th value, then the first tied entries in position order (no sort)."""
     thr = a.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = a > thr
     tied = a == thr
     need = k - above.sum(-1, keepdim=True)
-    take = above | (tied & (tied.cumsum(-1) <= need))
+    return above | (tied & (tied.cumsum(-1) <= need))
+
+
+def topk_ascending(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[..., k]`` (ascending) of the ``k`` largest entries of ``a [..., n]``, ties to the
+    smaller index (``topk_mask``'s entries in position order)."""
+    n = a.shape[-1]
     pos = torch.arange(n, device=a.device)
-    key = torch.where(take, pos, n)
+    key = torch.where(topk_mask(a, k), pos, n)
     idx = key.topk(k, dim=-1, largest=False, sorted=True).values
     return torch.where(idx < n, idx, -1)  # only NaN scores leave holes
 
