@@ -50,13 +50,16 @@ def triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summary: Summ
 
     Its two halves are judged where the skeleton hands each primitive its inputs (``read_set`` has no
     ``v``); both live here so that the whole decision reads in one place."""
-    plan = plan_step(cfg, summary, k.shape[2], q.shape[-1], v.shape[-1])
+    plan = plan_step(cfg, summary, k.shape[2], q.shape[-1], v.shape[-1], k.shape[1])
     return TritonPath(_select_path(q, summary, plan, cfg), _attend_path(q, k, v, cfg))
 
 
 def _select_path(q: torch.Tensor, summary: Summary, plan: StepPlan, cfg: Config) -> str:
     if plan.selection == "all":
         return "torch: the budget covers mid (exact attention, nothing to rank)"
+    if plan.budget != "fixed":
+        return (f"torch ops: the {plan.budget} budget's selection (rank, cumulative mass, certificate; SPEC 10) "
+                "has no Triton kernel yet")
     if plan.selection != "page":
         return f"torch: {plan.selection} selection has no Triton kernel (page selection has)"
     if not runnable_on(q):
@@ -100,6 +103,11 @@ class TritonBackend(TorchBackend):
             return super().read_set(q, k, summary, plan, cfg, tau)
         return page_read_set(q, summary.pages, summary.first_page, tau, plan.n_take, cfg.page_size, plan.regions,
                              chained=chains_launches(q, self.tuning), select_warps=self.tuning.select_warps)
+
+    def unit_masses(self, q, k, summary: Summary, plan: StepPlan, cfg: Config, tau: float):
+        """Per-head budgets select in torch ops (``_select_path`` says so in ``last_path``)."""
+        self.last_path = replace(self.last_path, select=_select_path(q, summary, plan, cfg))
+        return super().unit_masses(q, k, summary, plan, cfg, tau)
 
     def attend(self, q, k, v, reads: ReadSet, ops, summary: Summary, cfg: Config, tau: float):
         path = _attend_path(q, k, v, cfg)

@@ -17,6 +17,7 @@ from topkphi.commands.options import (
     check_phi_options,
     config_from_options,
     estimator_options,
+    mass_options,
     model_option,
     output_path,
     require_module,
@@ -119,12 +120,14 @@ def _clean(x):
 @click.option("--text", default=None, help="The prompt itself.")
 @backend_option
 @budget_options
+@mass_options(dropped_mass=False)
 @estimator_options(dense=False)
 @seed_option
 @click.option("--n-queries", type=int, default=8, show_default=True,
               help="Decode steps inspected: the last positions of the prompt.")
 @click.option("--max-dropped-mass", type=float, default=0.05, show_default=True,
-              help="Dense mass a head may lose; sets the suggested per-head top_k.")
+              help="Dense mass a head may lose: sets the suggested per-head top_k, and with --budget mass the "
+              "policy's target.")
 @click.option("--rows", "max_rows", type=int, default=40, show_default=True,
               help="Heads shown in the table, highest entropy first (0: all).")
 @click.option("--json", "json_out", default=None, help="Write the full report as JSON here ('-': stdout, no table).")
@@ -132,7 +135,8 @@ def _clean(x):
 @click.option("--plot", "plot_out", default=None,
               help="Write PNG heatmaps (layers x heads) of entropy and phi gain (needs matplotlib: [plot]).")
 @user_errors
-def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, selection, page_size, feature_map,
+def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, selection, page_size, budget, min_top_k,
+                  certify, feature_map,
                   n_features, n_clusters, fit_window, phi_file, seed, n_queries, max_dropped_mass, max_rows,
                   json_out, csv_out, plot_out) -> None:
     """Per layer and head: attention entropy, mass kept by sink + tail + Top-K, and Top-K only vs Top-K + phi."""
@@ -149,8 +153,10 @@ def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, sele
     check_phi_options(feature_map, phi_file)
     if feature_map == "none":
         raise click.UsageError("--feature-map none leaves nothing to compare with Top-K only: pick an estimator")
+    mass = {"max_dropped_mass": max_dropped_mass} if budget == "mass" else {}  # else only the suggestion's
     cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed,
-                              n_clusters=n_clusters, fit_window=fit_window)
+                              n_clusters=n_clusters, fit_window=fit_window, budget=budget, min_top_k=min_top_k,
+                              certify=certify, **mass)
     if cfg.feature_map is None and feature_map != "learned":
         raise click.UsageError(f"--selection {selection} has no default estimator "
                                f"(nothing would be compared with Top-K only): name one with --feature-map")
