@@ -73,7 +73,8 @@ def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   show_edge=False)
-    for column in ("L:q/kv", "H/logN", "dropped", "rho", "mid err", "err K", "err phi", "gain", "top_k*"):
+    for column in ("L:q/kv", "H/logN", "dropped", "rho", "mid err", "err K", "err phi", "gain", "top_k*", "chosen",
+                   "drop^/cert"):
         table.add_column(column, justify="right", no_wrap=True)
     ordered = sorted(rows, key=lambda r: -r.entropy)
     shown = ordered if max_rows <= 0 else ordered[:max_rows]
@@ -81,7 +82,8 @@ def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None
         style = "green" if r.phi_gain > 0 else "red" if r.phi_gain < 0 else "dim"
         table.add_row(f"{r.layer}:{r.q_head}/{r.kv_head}", f"{r.entropy:.3f}", f"{r.dropped_mass:.3f}",
                       f"{r.rho:.3f}", _fmt(r.mid_mass_error, ".2f"), f"{r.err_top_k:.1e}", f"{r.err_phi:.1e}",
-                      f"[{style}]{r.phi_gain:+.2f}[/]", f"{r.suggested_top_k}/{r.suggested_top_k_kv}")
+                      f"[{style}]{r.phi_gain:+.2f}[/]", f"{r.suggested_top_k}/{r.suggested_top_k_kv}",
+                      f"{r.chosen_top_k_kv:.0f}", f"{_fmt(r.delta_hat)}/{_fmt(r.delta_bar)}")
     if len(shown) < len(rows):
         table.caption = f"{len(rows) - len(shown)} lower-entropy heads not shown (--rows 0 shows all; --json/--csv)"
     console.print(table)
@@ -90,7 +92,9 @@ def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None
         "[dim]L:q/kv: layer, query head / KV head; dropped: dense mass outside sink + tail + Top-K; "
         "rho: phi's estimate of it; mid err: |estimated / "
         "true unretrieved mass - 1|; err: rel. output error vs dense (K: Top-K only at matched reads); gain: "
-        "(err K - err phi) / max; top_k*: budget keeping dropped <= the limit (query head / its KV head)[/]"
+        "(err K - err phi) / max; top_k*: budget keeping dropped <= the limit (query head / its KV head); "
+        "chosen: mid tokens the policy read for the KV head; drop^/cert: its estimated / certified dropped mass "
+        "(--budget mass/marginal, --certify)[/]"
     )
     console.print(
         f"{s['n_heads']} heads; {s['share_high_entropy']:.0%} have H/logN > {s['high_entropy_threshold']}. "
@@ -99,7 +103,9 @@ def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None
         f"low-entropy {_fmt(s['mean_gain_low_entropy'], '+.2f')}; corr(entropy, gain) = "
         f"{_fmt(s['entropy_gain_correlation'], '+.2f')}.\n"
         f"Mean rel. error vs dense: Top-K only {s['mean_err_top_k']:.2e}, Top-K + phi {s['mean_err_phi']:.2e}. "
-        f"Largest per-KV-head budget for the dropped-mass limit: top_k = {s['max_suggested_top_k']}."
+        f"Largest per-KV-head budget for the dropped-mass limit: top_k = {s['max_suggested_top_k']}; mean "
+        f"suggested {s['mean_suggested_top_k_kv']:.0f} vs chosen by the policy {s['mean_chosen_top_k_kv']:.0f} "
+        f"({s['share_chosen_below_suggested']:.0%} of heads read fewer than suggested)."
     )
 
 
@@ -201,7 +207,8 @@ def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, sele
         "config": {"n_sink": n_sink, "n_tail": n_tail, "top_k": top_k,
                    "top_k_matched": topkphi.matched_top_k(layer_cfg(0), d, dv), "selection": selection,
                    "page_size": page_size, "feature_map": feature_map, "n_features": layer_cfg(0).n_features,
-                   "seed": seed, "phi_file": phi_file},
+                   "seed": seed, "phi_file": phi_file, "budget": budget, "min_top_k": min_top_k,
+                   "certify": certify},
         "max_dropped_mass": max_dropped_mass,
         "summary": summary,
         "heads": [r.as_dict() for r in rows],
