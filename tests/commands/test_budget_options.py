@@ -18,11 +18,12 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("command", ["chat", "inspect-heads"])
+@pytest.mark.parametrize("command", ["chat", "inspect-heads", "eval"])
 @pytest.mark.parametrize("args, fragment", BAD)
 def test_bad_budget_flags_are_one_line_exit_2(command, args, fragment):
     # a model that does not exist: the flags must be refused before anything tries to load it
-    extra = ["--prompt", "hi"] if command == "chat" else ["--text", "hi", "--feature-map", "compact"]
+    extra = {"chat": ["--prompt", "hi"], "inspect-heads": ["--text", "hi", "--feature-map", "compact"],
+             "eval": ["--tasks", "kl", "--budgets", "64"]}[command]
     if command == "inspect-heads" and "--max-dropped-mass" in args:
         args = [*args, "--budget", "mass"]
     result = CliRunner().invoke(main, [command, "--model", "/nonexistent/model", *extra, *args])
