@@ -19,6 +19,11 @@ ESTIMATORS = (*FEATURE_MAP_KINDS, *FITTED_ESTIMATORS)
 # Top-K only for page and exact (PRF measured worse than spending its reads on Top-K; clusters need
 # reference queries, which a caller of the raw API may not have: ask for them by name)
 DEFAULT_ESTIMATOR = "default"
+# SPEC 10: "fixed" takes top_k per KV head; "mass" takes units (tokens or pages) in score order until
+# the estimated dropped fraction is <= max_dropped_mass (top_k the cap, min_top_k the floor);
+# "marginal" spreads a layer's total of top_k per head over its heads by the estimated gain of one
+# more unit (min_top_k the floor)
+BUDGETS = ("fixed", "mass", "marginal")
 
 
 class Dims(NamedTuple):
@@ -57,9 +62,15 @@ class Config:
     scale: float | None = None
     n_clusters: int = 32
     fit_window: int = 256
+    # fixed stays the default: the measured comparison at equal mean reads is in docs/RESULTS.md
+    budget: str = "fixed"
+    max_dropped_mass: float = 0.05
+    min_top_k: int = 0
+    certify: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("n_sink", "n_tail", "top_k", "page_size", "n_features", "seed", "n_clusters", "fit_window"):
+        for name in ("n_sink", "n_tail", "top_k", "page_size", "n_features", "seed", "n_clusters", "fit_window",
+                     "min_top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -78,6 +89,7 @@ class Config:
             raise ValueError(f"fit_window must be >= 1, got {self.fit_window}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
+        self._check_budget()
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {self.scale!r}")
         if self.feature_map == DEFAULT_ESTIMATOR:
@@ -96,6 +108,22 @@ class Config:
                 )
         elif fmap is not None and not isinstance(fmap, FeatureMap):
             raise ValueError(f"feature_map must be a name, a FeatureMap or None, got {type(fmap).__name__}")
+
+    def _check_budget(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; expected one of {BUDGETS}")
+        delta = self.max_dropped_mass
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise ValueError(f"max_dropped_mass must lie strictly between 0 and 1, got {delta!r}")
+        if not 0 <= self.min_top_k <= self.top_k:
+            raise ValueError(f"min_top_k (the floor) must lie in [0, top_k={self.top_k}], got {self.min_top_k}")
+        if not isinstance(self.certify, bool):
+            raise ValueError(f"certify must be True or False, got {self.certify!r}")
+        if self.certify and self.budget != "mass":
+            raise ValueError("certify=True certifies a dropped-mass budget: it needs budget='mass'")
+        if self.certify and self.selection == "compact":
+            raise ValueError("certify=True needs an upper bound on each unread unit's mass: selection='page' "
+                             "(the Quest bound) or 'exact' (exact scores); compact tokens only estimate it")
 
     def replace(self, **changes) -> Config:
         """A validated copy with some fields changed."""

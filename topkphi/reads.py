@@ -45,20 +45,22 @@ def estimator_reads(cfg: Config, n_retrieved: int, d: int, dv: int) -> float:
     return 0.0  # None; compact: its tokens are the selection's reads
 
 
-def selection_reads(cfg: Config, n_mid: int, d: int, dv: int) -> float:
-    """Zero when the budget takes the whole mid: nothing needs ranking, it is exact attention."""
+def selection_reads(cfg: Config, n_mid: int, d: int, dv: int, covers: bool | None = None) -> float:
+    """Zero when the budget takes the whole mid: nothing needs ranking, it is exact attention.
+
+    ``covers`` says so where the caller decided it (per-head budgets, SPEC 10); by default a fixed
+    ``top_k`` covers as in SPEC 2."""
     if cfg.selection == "exact":
-        return 0.0 if cfg.top_k >= n_mid else n_mid * d / (d + dv)
+        covers = cfg.top_k >= n_mid if covers is None else covers
+        return 0.0 if covers else n_mid * d / (d + dv)
     mid_start, mid_end = cfg.n_sink, cfg.n_sink + n_mid
     if cfg.selection == "compact":
         n_pages = complete_pages(mid_start, mid_end, cfg.page_size)[1]
-        if n_selected_pages(cfg.top_k, cfg.page_size, n_pages) >= n_pages:
-            return 0.0
-        return n_pages * (d + dv + 1) / (d + dv)
+        covers = n_selected_pages(cfg.top_k, cfg.page_size, n_pages) >= n_pages if covers is None else covers
+        return 0.0 if covers else n_pages * (d + dv + 1) / (d + dv)
     _, n_pages = page_span(mid_start, mid_end, cfg.page_size)
-    if n_selected_pages(cfg.top_k, cfg.page_size, n_pages) >= n_pages:
-        return 0.0
-    return 2 * math.ceil(n_mid / cfg.page_size) * d / (d + dv)
+    covers = n_selected_pages(cfg.top_k, cfg.page_size, n_pages) >= n_pages if covers is None else covers
+    return 0.0 if covers else 2 * math.ceil(n_mid / cfg.page_size) * d / (d + dv)
 
 
 def read_counts(cfg: Config, n_read: int, n_mid: int, uses_summary: bool, d: int, dv: int,

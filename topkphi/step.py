@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from topkphi.budget import BudgetStats, units_of
 from topkphi.config import Config
 from topkphi.reads import LABEL_ELEMENTS, estimator_reads, selection_reads
 from topkphi.regions import Regions, n_selected_pages, n_selected_tokens
@@ -35,10 +36,22 @@ class StepPlan:
     summary_reads: float  # estimator reads of a head it completes, less the per-token label reads
     label_reads: float  # per retrieved token (cluster labels), token-equivalents
     selection_reads: float
+    budget: str = "fixed"  # SPEC 10: "mass" and "marginal" choose a count per KV head
+    n_floor: int = 0  # units every head takes at least (mass, marginal)
+    n_units: int = 0  # units there are to rank: mid tokens (exact) or pages
+    n_heads: int = 1  # KV heads sharing a marginal spread
 
     @property
     def covers_mid(self) -> bool:
         return self.selection == "all"
+
+    @property
+    def width(self) -> int:
+        """Most units one head can take: ``n_take`` (fixed: the count; mass: the cap), or for
+        ``marginal`` the layer's total less the others' floors."""
+        if self.budget != "marginal":
+            return self.n_take
+        return min(self.n_units, self.n_take * self.n_heads - (self.n_heads - 1) * self.n_floor)
 
 
 @dataclass
@@ -63,21 +76,26 @@ class ReadSet:
         return self.n_selected + self.n_anchor
 
 
-def plan_step(cfg: Config, summary: Summary, n_tokens: int, d: int, dv: int) -> StepPlan:
-    """The plan of one decode step (SPEC 2, 3, 8.2): a budget covering mid is exact attention."""
+def plan_step(cfg: Config, summary: Summary, n_tokens: int, d: int, dv: int, n_kv: int = 1) -> StepPlan:
+    """The plan of one decode step (SPEC 2, 3, 8.2, 10): a budget covering mid is exact attention.
+
+    Per-head budgets (SPEC 10) cover mid only when every head must take every unit: the floor
+    (``mass``) or the mean (``marginal``) covers; ``n_kv`` is the heads a marginal spread shares."""
     regions = Regions.of(n_tokens, cfg.n_sink, cfg.n_tail)
     n_mid = regions.n_mid
     if cfg.selection == "exact":
         n_take = n_selected_tokens(cfg.top_k, n_mid)
-        covers = n_take >= n_mid
+        n_units = n_mid
     else:
         n_take = n_selected_pages(cfg.top_k, cfg.page_size, summary.n_pages)
-        covers = n_take >= summary.n_pages
+        n_units = summary.n_pages
+    n_floor = units_of(cfg, cfg.min_top_k, n_units, at_least_one=False)
+    covers = {"fixed": n_take, "mass": n_floor, "marginal": n_take}[cfg.budget] >= n_units
     if n_mid == 0 or covers:
         return StepPlan(regions, "all", n_mid, None, 0.0, 0.0, 0.0)
     labels = LABEL_ELEMENTS / (d + dv) if cfg.estimator == "cluster" else 0.0
     return StepPlan(regions, cfg.selection, n_take, cfg.estimator, estimator_reads(cfg, 0, d, dv), labels,
-                    selection_reads(cfg, n_mid, d, dv))
+                    selection_reads(cfg, n_mid, d, dv, covers=False), cfg.budget, n_floor, n_units, n_kv)
 
 
 class DecodeStats:
@@ -90,8 +108,9 @@ class DecodeStats:
     no work for statistics nobody reads.
     """
 
-    def __init__(self, plan: StepPlan, reads: ReadSet, rho: Any, lse: Any = None) -> None:
-        self.plan, self.reads, self.rho, self.lse = plan, reads, rho, lse
+    def __init__(self, plan: StepPlan, reads: ReadSet, rho: Any, lse: Any = None,
+                 budget: BudgetStats | None = None) -> None:
+        self.plan, self.reads, self.rho, self.lse, self.budget = plan, reads, rho, lse, budget
 
     @property
     def n_tokens(self) -> int:
@@ -127,9 +146,10 @@ class DecodeStats:
         return _mean(self.token_equivalents) / self.n_tokens
 
 
-def step_stats(plan: StepPlan, reads: ReadSet, rho: Any, lse: Any) -> DecodeStats:
-    """The step's statistics (SPEC 6, 9), their read counts written once in ``DecodeStats``."""
-    return DecodeStats(plan, reads, rho, lse)
+def step_stats(plan: StepPlan, reads: ReadSet, rho: Any, lse: Any, budget: BudgetStats | None = None) -> DecodeStats:
+    """The step's statistics (SPEC 6, 9, 10), their read counts written once in ``DecodeStats``;
+    ``budget`` holds a per-head budget's dropped-mass estimate and certificate."""
+    return DecodeStats(plan, reads, rho, lse, budget)
 
 
 def _mean(x: Any) -> float:

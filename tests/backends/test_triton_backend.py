@@ -144,7 +144,7 @@ def test_decodes_the_fitted_summaries_it_fits_itself(backend, fitted):
 def test_is_a_torch_backend_overriding_only_the_hot_primitives():
     assert issubclass(TritonBackend, TorchBackend) and TritonBackend.name == "triton"
     primitives = {name for name in vars(Backend) if not name.startswith("_")}
-    assert {name for name in vars(TritonBackend) if name in primitives} == {"read_set", "attend"}
+    assert {name for name in vars(TritonBackend) if name in primitives} == {"read_set", "attend", "unit_masses"}
 
 
 def test_tuning_is_explicit_and_validated():

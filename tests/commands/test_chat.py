@@ -290,3 +290,14 @@ def test_interactive_commands_and_multi_turn():
     assert result.output.count("Commands:") >= 2  # the banner and the 'h' answer
     assert "Paris" in result.output and "Rome" in result.output  # the second turn saw the first
     assert result.output.count("KV read") >= 2  # one stats line per reply (and the legend)
+
+
+@pytest.mark.parametrize("budget, certify", [("mass", True), ("marginal", False)])
+def test_per_head_budgets_show_their_reads_and_dropped_mass(tiny, budget, certify):
+    args = ["--budget", budget, "--selection", "exact", "--feature-map", "none", "--top-k", "64",
+            "--min-top-k", "8", "--n-tail", "16", *(["--certify", "--max-dropped-mass", "0.2"] if certify else [])]
+    result = run("--backend", "torch", "--demo", *args, "--max-tokens", "2")
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.splitlines())
+    assert "p95 " in line and "drop " in line and "capped " in line
+    assert ("cert " in line) == certify

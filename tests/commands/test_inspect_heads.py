@@ -63,6 +63,7 @@ HEAD_FIELDS = {
     "layer": int, "q_head": int, "kv_head": int, "entropy": float, "sink_mass": float, "tail_mass": float,
     "topk_mass": float, "dropped_mass": float, "rho": float, "mid_mass_error": (float, type(None)),
     "err_top_k": float, "err_phi": float, "phi_gain": float, "suggested_top_k": int, "suggested_top_k_kv": int,
+    "chosen_top_k_kv": float, "delta_hat": (float, type(None)), "delta_bar": (float, type(None)),
 }
 
 
@@ -88,6 +89,7 @@ def test_tiny_model_end_to_end(tiny_model, tmp_path):
             assert isinstance(head[key], kind), (key, head[key])
         assert 0.0 <= head["entropy"] <= 1.0 + 1e-9 and 0.0 <= head["dropped_mass"] <= 1.0
         assert head["suggested_top_k"] <= head["suggested_top_k_kv"]
+        assert head["chosen_top_k_kv"] == 16 and head["delta_hat"] is None  # the fixed budget's count
     summary = report["summary"]
     assert summary["n_heads"] == 8 and 0.0 <= summary["share_high_entropy"] <= 1.0
     assert summary["phi_helps"] + summary["phi_hurts"] + summary["phi_neutral"] == 8
@@ -169,3 +171,20 @@ def test_output_options_are_checked_before_any_work(no_model, args, fragment):
 def test_listed_in_help():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0 and "inspect-heads" in result.output
+
+
+@pytest.mark.parametrize("tiny_model", RUNTIMES[:1], indirect=True)
+def test_a_certified_mass_budget_is_compared_with_the_suggestion(tiny_model, tmp_path):
+    out_json = tmp_path / "heads.json"
+    result = run("--backend", tiny_model, "--text", TEXT, "--top-k", "48", "--n-tail", "16", "--selection", "exact",
+                 "--feature-map", "prf", "--budget", "mass", "--certify", "--max-dropped-mass", "0.3",
+                 "--min-top-k", "4", "--n-queries", "2", "--json", str(out_json))
+    assert result.exit_code == 0, result.output
+    assert "chosen by the policy" in result.output
+    report = json.loads(out_json.read_text())
+    assert report["config"]["budget"] == "mass" and report["config"]["certify"] is True
+    for head in report["heads"]:
+        assert 4 <= head["chosen_top_k_kv"] <= 48
+        # exact selection: the certificate is the exact dropped mass of the KV head's read set
+        assert head["delta_bar"] >= head["dropped_mass"] - 1e-9
+        assert head["delta_hat"] == pytest.approx(head["delta_bar"], abs=1e-6)  # exact scores: estimate = bound

@@ -45,6 +45,9 @@ class HeadReport:
     phi_gain: float  # (err_top_k - err_phi) / max of the two: > 0 phi helps, < 0 it hurts, in [-1, 1]
     suggested_top_k: int  # smallest budget keeping this head's dropped mass <= the limit at every step
     suggested_top_k_kv: int  # the same for the KV head (its query heads share one T)
+    chosen_top_k_kv: float = 0.0  # mid tokens the configured policy read for the KV head, mean over steps
+    delta_hat: float | None = None  # per-head budgets (SPEC 10): the policy's estimated dropped mass (KV head)
+    delta_bar: float | None = None  # its certificate (certify=True)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -214,7 +217,13 @@ def inspect_step(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: Config, max_d
     group = n_q // n_kv
     per_kv = np.repeat(own.reshape(n_kv, group).max(axis=1), group)
     err_top_k, err_phi = relative_error(out_top_k[0], ref), relative_error(out_phi[0], ref)
+    budget = stats.budget
+    per_q = lambda x: np.repeat(np.asarray(x, np.float64)[0], group)  # noqa: E731  [1, Hkv] -> [Hq]
+    nan = np.full(n_q, np.nan)
     return {
+        "chosen_top_k_kv": per_q(stats.n_selected),
+        "delta_hat": nan if budget is None else per_q(budget.delta_hat),
+        "delta_bar": nan if budget is None or budget.delta_bar is None else per_q(budget.delta_bar),
         "entropy": normalized_entropy(p),
         "sink_mass": masses["sink"],
         "tail_mass": masses["tail"],
@@ -259,9 +268,15 @@ def inspect_layer(capture, layer: int, positions: list[int], cfg: Config, max_dr
             err_top_k=float(mean["err_top_k"][h]), err_phi=float(mean["err_phi"][h]), phi_gain=float(gain[h]),
             suggested_top_k=int(suggested["suggested_top_k"][h]),
             suggested_top_k_kv=int(suggested["suggested_top_k_kv"][h]),
+            chosen_top_k_kv=float(mean["chosen_top_k_kv"][h]), delta_hat=_finite(mean["delta_hat"][h]),
+            delta_bar=_finite(mean["delta_bar"][h]),
         )
         for h in range(n_q)
     ]
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def pearson(x, y) -> float | None:
@@ -295,4 +310,9 @@ def summarize(rows: list[HeadReport], high_entropy: float = HIGH_ENTROPY) -> dic
         "mean_err_phi": float(np.mean([r.err_phi for r in rows])) if rows else 0.0,
         "mean_dropped_mass": float(np.mean([r.dropped_mass for r in rows])) if rows else 0.0,
         "max_suggested_top_k": max((r.suggested_top_k_kv for r in rows), default=0),
+        # the policy's reads against the suggestion (per query head rows, so KV heads weigh by their group)
+        "mean_suggested_top_k_kv": float(np.mean([r.suggested_top_k_kv for r in rows])) if rows else 0.0,
+        "mean_chosen_top_k_kv": float(np.mean([r.chosen_top_k_kv for r in rows])) if rows else 0.0,
+        "share_chosen_below_suggested": float(np.mean([r.chosen_top_k_kv < r.suggested_top_k_kv for r in rows]))
+        if rows else 0.0,
     }

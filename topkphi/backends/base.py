@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import replace
 from typing import Any
 
+from topkphi import budget
+from topkphi.budget import ArrayOps, BudgetStats, Ranking
 from topkphi.config import Config, Dims, check_shapes
 from topkphi.step import DecodeStats, ReadSet, StepPlan, plan_step, step_stats
 from topkphi.summary import ReferenceQueries, Summary, check_compatible, fold_range
@@ -118,17 +120,57 @@ class Backend(ABC):
         q, k, v = (self.as_arrays(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
         dims = self.check_inputs(q, k, v)
         check_compatible(summary, cfg, dims.n_tokens)
-        plan = plan_step(cfg, summary, dims.n_tokens, dims.d, dims.dv)
+        plan = plan_step(cfg, summary, dims.n_tokens, dims.d, dims.dv, dims.n_kv_heads)
         tau = cfg.tau(dims.d)
-        if selected is None:
-            reads = self.read_set(q, k, summary, plan, cfg, tau)
-        else:
+        ranking = counts = None
+        if selected is not None:
             reads = self.given_read_set(selected, plan)
+        elif plan.budget != "fixed" and not plan.covers_mid:
+            ranking, counts, reads = self._budget_read_set(q, k, v, summary, plan, cfg, tau)
+        else:
+            reads = self.read_set(q, k, summary, plan, cfg, tau)
         ops = self.estimator_ops(cfg) if plan.estimator is not None else None
         out, rho, lse = self.attend(q, k, v, reads, ops, summary, cfg, tau)
         if cfg.selection == "compact" and plan.regions.n_tokens > plan.regions.mid_end:
             summary.pages = self.add_tail_mass(summary.pages, q, k, lse, plan.regions, tau)
-        return out, step_stats(plan, reads, rho, lse)
+        stats = None if ranking is None else self._budget_stats(ranking, counts, rho, lse, dims, cfg)
+        return out, step_stats(plan, reads, rho, lse, stats)
+
+    # ------------------------------------------------------------ per-head budgets (SPEC 10)
+
+    def _budget_read_set(self, q, k, v, summary: Summary, plan: StepPlan, cfg: Config,
+                         tau: float) -> tuple[Ranking, Any, ReadSet]:
+        """Rank the units, count each head's share (``topkphi.budget``), read them; in certificate mode
+        read once, then extend each head's prefix until the certificate holds (or the cap)."""
+        xp = self.array_ops
+        logm, anchor = self.unit_masses(q, k, summary, plan, cfg, tau)
+        ranking = budget.rank_units(xp, logm, anchor)
+        if plan.budget == "mass":
+            counts = budget.mass_counts(xp, ranking, cfg.max_dropped_mass, plan.n_floor, plan.n_take)
+        else:
+            counts = budget.marginal_counts(xp, ranking, plan.n_take, plan.n_floor)
+        reads = self.units_read_set(budget.chosen_units(xp, ranking, counts, plan.width), summary, plan, cfg)
+        if cfg.certify:
+            exact_lse = self._grouped(self.attend(q, k, v, reads, None, summary, cfg, tau)[2], k.shape[1])
+            counts = budget.certified_counts(xp, ranking, exact_lse, counts, cfg.max_dropped_mass, plan.n_take)
+            reads = self.units_read_set(budget.chosen_units(xp, ranking, counts, plan.width), summary, plan, cfg)
+        return ranking, counts, reads
+
+    def _budget_stats(self, ranking: Ranking, counts: Any, rho: Any, lse: Any, dims: Dims,
+                      cfg: Config) -> BudgetStats:
+        xp = self.array_ops
+        delta_hat = budget.dropped_at(xp, ranking.dropped, counts, ranking.rank)
+        if not cfg.certify:
+            return BudgetStats(counts, delta_hat, None, delta_hat > cfg.max_dropped_mass)
+        # the exact part of the normalizer: lse less the estimate's share rho
+        exact_lse = self._grouped(lse + xp.log(1.0 - rho), dims.n_kv_heads)
+        delta_bar = budget.certificate(xp, ranking, exact_lse, counts)
+        return BudgetStats(counts, delta_hat, delta_bar, delta_bar > cfg.max_dropped_mass)
+
+    @staticmethod
+    def _grouped(x: Any, n_kv: int) -> Any:
+        """``[B,Hq] -> [B,Hkv,G]``."""
+        return x.reshape(x.shape[0], n_kv, x.shape[1] // n_kv)
 
     # ------------------------------------------------------------ primitives
 
@@ -163,6 +205,22 @@ class Backend(ABC):
     @abstractmethod
     def read_set(self, q: Any, k: Any, summary: Summary, plan: StepPlan, cfg: Config, tau: float) -> ReadSet:
         """The step's read set in the contract of ``topkphi.step`` (SPEC 3, 8.2)."""
+
+    # per-head budgets (SPEC 10): the rule is ``topkphi.budget``'s; a backend gives these three
+
+    array_ops: ArrayOps
+
+    @abstractmethod
+    def unit_masses(self, q: Any, k: Any, summary: Summary, plan: StepPlan, cfg: Config,
+                    tau: float) -> tuple[Any, Any]:
+        """``(logm [B,Hkv,G,U], anchor [B,Hkv,G])`` (``topkphi.budget``): per query head the log-mass of
+        each unit (exact scores, Quest bounds ``log|p| + u_hp``, compact ``l_hp``) and the exact
+        log-mass of the anchors (and compact fragments), which are read anyway."""
+
+    @abstractmethod
+    def units_read_set(self, units: Any, summary: Summary, plan: StepPlan, cfg: Config) -> ReadSet:
+        """The read set of the chosen ``units [B,Hkv,W]`` (ascending, -1 padded): mid token offsets
+        (exact) or page offsets from the first ranked page (page, compact; plus the fragments)."""
 
     def given_read_set(self, selected: Any, plan: StepPlan) -> ReadSet:
         """The read set of a given ``T`` (the oracle takes one; other backends need not)."""

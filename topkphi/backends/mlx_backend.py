@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from topkphi.backends import mlx_metal
+from topkphi.backends import mlx_budget, mlx_metal
 from topkphi.backends import mlx_ops as ops
 from topkphi.backends import mlx_select as select
 from topkphi.backends.base import Backend, EstimatorOps
@@ -86,6 +86,7 @@ class MLXBackend(Backend):
     """SPEC 2-9 in MLX: float32 accumulation, vectorized over batch, KV heads and groups."""
 
     name = "mlx"
+    array_ops = mlx_budget.MLXArrayOps()
 
     def __init__(self) -> None:
         self._ops: dict[str, EstimatorOps] = {"feature_map": FeatureMapOps(), "cluster": ClusterOps(),
@@ -123,6 +124,12 @@ class MLXBackend(Backend):
     def read_set(self, q, k, summary: Summary, plan, cfg: Config, tau: float) -> ReadSet:
         batch, n_q, d = q.shape
         return select.read_set(ops.f32(q).reshape(batch, k.shape[1], n_q // k.shape[1], d), k, summary, plan, cfg, tau)
+
+    def unit_masses(self, q, k, summary: Summary, plan, cfg: Config, tau: float):
+        return mlx_budget.unit_masses(q, k, summary, plan, cfg, tau)
+
+    def units_read_set(self, units, summary: Summary, plan, cfg: Config) -> ReadSet:
+        return mlx_budget.units_read_set(units, summary, plan, cfg)
 
     def attend(self, q, k, v, reads: ReadSet, est: EstimatorOps | None, summary: Summary, cfg: Config, tau: float):
         """SPEC 5 over ``reads``: ``(out [B,Hq,dv] in q's dtype, rho [B,Hq], lse [B,Hq])`` float32."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from topkphi.backends import numpy_budget
 from topkphi.backends import numpy_fit as fit
 from topkphi.backends.base import Backend
 from topkphi.backends.numpy_estimators import ClusterOps, CompactOps, FeatureMapOps
@@ -23,6 +24,7 @@ class NumpyBackend(Backend):
     """Reference implementation in float64; slow and exact by construction."""
 
     name = "numpy"
+    array_ops = numpy_budget.NumpyArrayOps()
 
     def as_arrays(self, x, name):
         return np.asarray(x, dtype=np.float64)
@@ -116,6 +118,14 @@ class NumpyBackend(Backend):
             spans += [np.arange(r.mid_start, min(first * size, r.mid_end)),
                       np.arange(max(r.mid_start, (first + n_pages) * size), r.mid_end)]
         return np.sort(np.concatenate(spans)).astype(np.int64)
+
+    # ------------------------------------------------------------ per-head budgets (SPEC 10)
+
+    def unit_masses(self, q, k, summary: Summary, plan, cfg: Config, tau: float):
+        return numpy_budget.unit_masses(q, k, summary, plan, cfg, tau)
+
+    def units_read_set(self, units, summary: Summary, plan, cfg: Config) -> ReadSet:
+        return _read_set(numpy_budget.units_tokens(units, summary, plan, cfg), plan.regions)
 
     # ------------------------------------------------------------ attention (SPEC 5)
 

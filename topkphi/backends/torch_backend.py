@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from topkphi.backends import torch_ops
+from topkphi.backends import torch_budget, torch_ops
 from topkphi.backends import torch_pages as pages
 from topkphi.backends.base import Backend, EstimatorOps
 from topkphi.backends.torch_estimators import ClusterOps, CompactOps, FeatureMapOps
@@ -39,6 +39,7 @@ class TorchBackend(Backend):
     """Eager PyTorch primitives of the ``Backend`` skeleton (CPU and CUDA tensors)."""
 
     name = "torch"
+    array_ops = torch_budget.TorchArrayOps()
 
     def __init__(self) -> None:
         self._estimators = {"feature_map": FeatureMapOps(), "cluster": ClusterOps(), "compact": CompactOps()}
@@ -104,6 +105,14 @@ class TorchBackend(Backend):
         anchors = torch.cat([torch.arange(r.sink_end, device=dev), torch.arange(r.mid_end, r.n_tokens, device=dev)])
         idx = torch.cat([anchors.expand(batch, n_kv, -1), selected], dim=-1)
         return ReadSet(idx, n_sel, int(anchors.numel()))
+
+    # ------------------------------------------------------------ per-head budgets (SPEC 10)
+
+    def unit_masses(self, q, k, summary: Summary, plan: StepPlan, cfg: Config, tau: float):
+        return torch_budget.unit_masses(q, k, summary, plan, cfg, tau)
+
+    def units_read_set(self, units, summary: Summary, plan: StepPlan, cfg: Config) -> ReadSet:
+        return torch_budget.units_read_set(units, summary, plan, cfg)
 
     # ------------------------------------------------------------ attention (SPEC 5)
 

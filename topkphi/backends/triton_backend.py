@@ -54,7 +54,7 @@ def triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summary: Summ
 
     Its two halves are judged where the skeleton hands each primitive its inputs (``read_set`` has no
     ``v``); both live here so that the whole decision reads in one place."""
-    plan = plan_step(cfg, summary, k.shape[2], q.shape[-1], v.shape[-1])
+    plan = plan_step(cfg, summary, k.shape[2], q.shape[-1], v.shape[-1], k.shape[1])
     select, attend = _select_path(q, summary, plan, cfg), _attend_path(q, k, v, cfg)
     return TritonPath(select, attend, _estimate_path(plan, select, attend))
 
@@ -62,6 +62,9 @@ def triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, summary: Summ
 def _select_path(q: torch.Tensor, summary: Summary, plan: StepPlan, cfg: Config) -> str:
     if plan.selection == "all":
         return "torch: the budget covers mid (exact attention, nothing to rank)"
+    if plan.budget != "fixed":
+        return (f"torch ops: the {plan.budget} budget's selection (rank, cumulative mass, certificate; SPEC 10) "
+                "has no Triton kernel yet")
     if plan.selection == "exact":
         return "torch: exact selection has no Triton kernel (page and compact selection have)"
     if not runnable_on(q):
@@ -119,6 +122,11 @@ class TritonBackend(TorchBackend):
                                     select_warps=warps)
         return page_read_set(q, summary.pages, summary.first_page, tau, plan.n_take, cfg.page_size, plan.regions,
                              chained=chained, select_warps=warps)
+
+    def unit_masses(self, q, k, summary: Summary, plan: StepPlan, cfg: Config, tau: float):
+        """Per-head budgets select in torch ops (``_select_path`` says so in ``last_path``)."""
+        self.last_path = replace(self.last_path, select=_select_path(q, summary, plan, cfg))
+        return super().unit_masses(q, k, summary, plan, cfg, tau)
 
     def attend(self, q, k, v, reads: ReadSet, ops, summary: Summary, cfg: Config, tau: float):
         path = _attend_path(q, k, v, cfg)

@@ -16,6 +16,7 @@ from topkphi.commands.options import (
     check_phi_options,
     config_from_options,
     estimator_options,
+    mass_options,
     model_option,
 )
 from topkphi.commands.runtime import check_phi_model, read_phi_file, resolve_runtime
@@ -95,6 +96,7 @@ def read_line(console) -> str:
               help="Seed of the random features and of sampling.")
 @click.option("--system-prompt", default=None)
 @budget_options
+@mass_options
 @estimator_options(per_prompt=True)
 @click.option("--fit-seconds", type=float, default=30.0, show_default=True,
               help="--feature-map learned-prompt: time budget of the fit on each new prompt (after its prefill, "
@@ -104,7 +106,8 @@ def read_line(console) -> str:
               "any machine).")
 @user_errors
 def chat(model, backend, prompt, demo, max_tokens, temp, top_p, seed, system_prompt, n_sink, n_tail, top_k, selection,
-         page_size, feature_map, n_features, n_clusters, fit_window, phi_file, dense, fit_seconds, fit_steps) -> None:
+         page_size, budget, max_dropped_mass, min_top_k, certify, feature_map, n_features, n_clusters, fit_window,
+         phi_file, dense, fit_seconds, fit_steps) -> None:
     """Chat with a model; decode steps read sink + tail + Top-K exactly and estimate the rest."""
     from rich.console import Console
 
@@ -116,7 +119,8 @@ def chat(model, backend, prompt, demo, max_tokens, temp, top_p, seed, system_pro
     if demo and prompt is not None:
         raise click.UsageError("give --demo or --prompt, not both")
     cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed,
-                              n_clusters=n_clusters, fit_window=fit_window)
+                              n_clusters=n_clusters, fit_window=fit_window, budget=budget,
+                              max_dropped_mass=max_dropped_mass, min_top_k=min_top_k, certify=certify)
     check_phi_options(feature_map, phi_file)
     per_prompt = feature_map == "learned-prompt"
     fit_budget = _fit_budget(ctx, per_prompt, fit_seconds, fit_steps)

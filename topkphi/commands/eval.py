@@ -15,6 +15,7 @@ from topkphi.commands.options import (
     check_phi_options,
     config_from_options,
     estimator_options,
+    mass_options,
     model_option,
     output_path,
     require_module,
@@ -106,7 +107,8 @@ def render(console, report: dict) -> None:
 @click.option("--methods", default="dense,sink-tail,topk,topk+phi", show_default=True,
               help="Comma-separated: dense, sink-tail, topk, topk+phi (dense is always run).")
 @click.option("--budgets", default="64,256", show_default=True,
-              help="Top-K of topk+phi; the other methods get the same token-equivalent reads.")
+              help="Top-K of topk+phi (the cap with --budget mass); the other methods get the same "
+              "token-equivalent reads.")
 @click.option("--tasks", default="niah_single,niah_essay,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,kl,attn",
               show_default=True, help="Comma-separated task names.")
 @click.option("--context", "contexts", default="2048", show_default=True, help="Comma-separated lengths in tokens.")
@@ -114,6 +116,7 @@ def render(console, report: dict) -> None:
 @seed_option
 @backend_option
 @budget_options(top_k=False)
+@mass_options
 @estimator_options(dense=False)
 @click.option("--kl-tokens", type=int, default=32, show_default=True, help="Teacher-forced decode steps per KL window.")
 @click.option("--attn-positions", type=int, default=2, show_default=True,
@@ -123,7 +126,8 @@ def render(console, report: dict) -> None:
               help="Write a PNG of accuracy and KL against the KV read (needs matplotlib: the [eval] extra).")
 @user_errors
 def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backend, n_sink, n_tail, selection,
-                 page_size, feature_map, n_features, n_clusters, fit_window, phi_file, kl_tokens, attn_positions,
+                 page_size, budget, max_dropped_mass, min_top_k, certify, feature_map, n_features, n_clusters,
+                 fit_window, phi_file, kl_tokens, attn_positions,
                  json_out, plot_out) -> None:
     """Accuracy on RULER-style tasks, KL and attention error of each method at matched KV reads."""
     from rich.console import Console
@@ -137,7 +141,8 @@ def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backen
     budget_list = _ints(budgets, "--budgets")
     # the budgets are topk+phi's top_k: the first stands in for validation, each policy sets its own
     base = config_from_options(max(1, min(budget_list)), n_sink, n_tail, selection, page_size, feature_map,
-                               n_features, seed, n_clusters=n_clusters, fit_window=fit_window)
+                               n_features, seed, n_clusters=n_clusters, fit_window=fit_window, budget=budget,
+                               max_dropped_mass=max_dropped_mass, min_top_k=min_top_k, certify=certify)
     if base.feature_map is None and feature_map != "learned":
         raise click.UsageError(f"--selection {selection} has no default estimator "
                                f"(topk+phi would be Top-K only): name one with --feature-map")
@@ -189,7 +194,8 @@ def eval_command(model, methods, budgets, tasks, contexts, samples, seed, backen
         "methods": spec.methods, "budgets": spec.budgets, "tasks": spec.tasks, "contexts": spec.contexts,
         "samples": samples, "seed": seed, "kl_tokens": kl_tokens, "attn_positions": attn_positions,
         "config": {"n_sink": n_sink, "n_tail": n_tail, "selection": selection, "page_size": page_size,
-                   "feature_map": feature_map, "n_features": n_features, "phi_file": phi_file},
+                   "feature_map": feature_map, "n_features": n_features, "phi_file": phi_file, "budget": budget,
+                   "max_dropped_mass": max_dropped_mass, "min_top_k": min_top_k, "certify": certify},
         "results": out["results"], "rows": out["rows"],
     }
     render(console, report)

@@ -17,6 +17,7 @@ from topkphi.commands.options import (
     check_phi_options,
     config_from_options,
     estimator_options,
+    mass_options,
     model_option,
     output_path,
     require_module,
@@ -72,7 +73,8 @@ def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   show_edge=False)
-    for column in ("L:q/kv", "H/logN", "dropped", "rho", "mid err", "err K", "err phi", "gain", "top_k*"):
+    for column in ("L:q/kv", "H/logN", "dropped", "rho", "mid err", "err K", "err phi", "gain", "top_k*", "chosen",
+                   "drop^/cert"):
         table.add_column(column, justify="right", no_wrap=True)
     ordered = sorted(rows, key=lambda r: -r.entropy)
     shown = ordered if max_rows <= 0 else ordered[:max_rows]
@@ -80,7 +82,8 @@ def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None
         style = "green" if r.phi_gain > 0 else "red" if r.phi_gain < 0 else "dim"
         table.add_row(f"{r.layer}:{r.q_head}/{r.kv_head}", f"{r.entropy:.3f}", f"{r.dropped_mass:.3f}",
                       f"{r.rho:.3f}", _fmt(r.mid_mass_error, ".2f"), f"{r.err_top_k:.1e}", f"{r.err_phi:.1e}",
-                      f"[{style}]{r.phi_gain:+.2f}[/]", f"{r.suggested_top_k}/{r.suggested_top_k_kv}")
+                      f"[{style}]{r.phi_gain:+.2f}[/]", f"{r.suggested_top_k}/{r.suggested_top_k_kv}",
+                      f"{r.chosen_top_k_kv:.0f}", f"{_fmt(r.delta_hat)}/{_fmt(r.delta_bar)}")
     if len(shown) < len(rows):
         table.caption = f"{len(rows) - len(shown)} lower-entropy heads not shown (--rows 0 shows all; --json/--csv)"
     console.print(table)
@@ -89,7 +92,9 @@ def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None
         "[dim]L:q/kv: layer, query head / KV head; dropped: dense mass outside sink + tail + Top-K; "
         "rho: phi's estimate of it; mid err: |estimated / "
         "true unretrieved mass - 1|; err: rel. output error vs dense (K: Top-K only at matched reads); gain: "
-        "(err K - err phi) / max; top_k*: budget keeping dropped <= the limit (query head / its KV head)[/]"
+        "(err K - err phi) / max; top_k*: budget keeping dropped <= the limit (query head / its KV head); "
+        "chosen: mid tokens the policy read for the KV head; drop^/cert: its estimated / certified dropped mass "
+        "(--budget mass/marginal, --certify)[/]"
     )
     console.print(
         f"{s['n_heads']} heads; {s['share_high_entropy']:.0%} have H/logN > {s['high_entropy_threshold']}. "
@@ -98,7 +103,9 @@ def print_table(console, rows, summary: dict, title: str, max_rows: int) -> None
         f"low-entropy {_fmt(s['mean_gain_low_entropy'], '+.2f')}; corr(entropy, gain) = "
         f"{_fmt(s['entropy_gain_correlation'], '+.2f')}.\n"
         f"Mean rel. error vs dense: Top-K only {s['mean_err_top_k']:.2e}, Top-K + phi {s['mean_err_phi']:.2e}. "
-        f"Largest per-KV-head budget for the dropped-mass limit: top_k = {s['max_suggested_top_k']}."
+        f"Largest per-KV-head budget for the dropped-mass limit: top_k = {s['max_suggested_top_k']}; mean "
+        f"suggested {s['mean_suggested_top_k_kv']:.0f} vs chosen by the policy {s['mean_chosen_top_k_kv']:.0f} "
+        f"({s['share_chosen_below_suggested']:.0%} of heads read fewer than suggested)."
     )
 
 
@@ -119,12 +126,14 @@ def _clean(x):
 @click.option("--text", default=None, help="The prompt itself.")
 @backend_option
 @budget_options
+@mass_options(dropped_mass=False)
 @estimator_options(dense=False)
 @seed_option
 @click.option("--n-queries", type=int, default=8, show_default=True,
               help="Decode steps inspected: the last positions of the prompt.")
 @click.option("--max-dropped-mass", type=float, default=0.05, show_default=True,
-              help="Dense mass a head may lose; sets the suggested per-head top_k.")
+              help="Dense mass a head may lose: sets the suggested per-head top_k, and with --budget mass the "
+              "policy's target.")
 @click.option("--rows", "max_rows", type=int, default=40, show_default=True,
               help="Heads shown in the table, highest entropy first (0: all).")
 @click.option("--json", "json_out", default=None, help="Write the full report as JSON here ('-': stdout, no table).")
@@ -132,7 +141,8 @@ def _clean(x):
 @click.option("--plot", "plot_out", default=None,
               help="Write PNG heatmaps (layers x heads) of entropy and phi gain (needs matplotlib: [plot]).")
 @user_errors
-def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, selection, page_size, feature_map,
+def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, selection, page_size, budget, min_top_k,
+                  certify, feature_map,
                   n_features, n_clusters, fit_window, phi_file, seed, n_queries, max_dropped_mass, max_rows,
                   json_out, csv_out, plot_out) -> None:
     """Per layer and head: attention entropy, mass kept by sink + tail + Top-K, and Top-K only vs Top-K + phi."""
@@ -149,8 +159,10 @@ def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, sele
     check_phi_options(feature_map, phi_file)
     if feature_map == "none":
         raise click.UsageError("--feature-map none leaves nothing to compare with Top-K only: pick an estimator")
+    mass = {"max_dropped_mass": max_dropped_mass} if budget == "mass" else {}  # else only the suggestion's
     cfg = config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed,
-                              n_clusters=n_clusters, fit_window=fit_window)
+                              n_clusters=n_clusters, fit_window=fit_window, budget=budget, min_top_k=min_top_k,
+                              certify=certify, **mass)
     if cfg.feature_map is None and feature_map != "learned":
         raise click.UsageError(f"--selection {selection} has no default estimator "
                                f"(nothing would be compared with Top-K only): name one with --feature-map")
@@ -195,7 +207,8 @@ def inspect_heads(model, prompt_file, text, backend, n_sink, n_tail, top_k, sele
         "config": {"n_sink": n_sink, "n_tail": n_tail, "top_k": top_k,
                    "top_k_matched": topkphi.matched_top_k(layer_cfg(0), d, dv), "selection": selection,
                    "page_size": page_size, "feature_map": feature_map, "n_features": layer_cfg(0).n_features,
-                   "seed": seed, "phi_file": phi_file},
+                   "seed": seed, "phi_file": phi_file, "budget": budget, "min_top_k": min_top_k,
+                   "certify": certify},
         "max_dropped_mass": max_dropped_mass,
         "summary": summary,
         "heads": [r.as_dict() for r in rows],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from topkphi.config import DEFAULT_ESTIMATOR, ESTIMATORS, SELECTIONS, Config
+from topkphi.config import BUDGETS, DEFAULT_ESTIMATOR, ESTIMATORS, SELECTIONS, Config
 from topkphi.models.resolve import DEFAULT_MODEL
 
 DEFAULTS = Config()
@@ -77,6 +77,31 @@ def budget_options(fn=None, *, top_k: bool = True, top_k_help: str = "Retrieved 
     return fn
 
 
+def mass_options(fn=None, *, dropped_mass: bool = True):
+    """``--budget --max-dropped-mass --min-top-k --certify`` (SPEC 10), defaults from ``topkphi.Config()``;
+    ``dropped_mass=False`` where the command has its own ``--max-dropped-mass``."""
+    if fn is None:
+        return lambda f: mass_options(f, dropped_mass=dropped_mass)
+    options = [
+        click.option("--budget", type=click.Choice(BUDGETS), default=DEFAULTS.budget, show_default=True,
+                     help="Per-head budget: fixed = --top-k per KV head; mass = units in score order until the "
+                     "estimated dropped mass <= --max-dropped-mass (--top-k the cap, --min-top-k the floor); "
+                     "marginal = a layer's total of --top-k per head spread by the estimated gain of one more "
+                     "unit."),
+        *([click.option("--max-dropped-mass", type=float, default=DEFAULTS.max_dropped_mass, show_default=True,
+                        help="--budget mass: the attention mass a KV head may leave unread, in (0, 1).")]
+          if dropped_mass else []),
+        click.option("--min-top-k", type=int, default=DEFAULTS.min_top_k, show_default=True,
+                     help="--budget mass/marginal: tokens every KV head retrieves at least (the floor)."),
+        click.option("--certify", is_flag=True,
+                     help="--budget mass: read until the Quest bound certifies the dropped mass (selection page "
+                     "or exact), or the cap; the stats say where the cap stopped it."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def estimator_options(fn=None, *, per_prompt: bool = False, dense: bool = True):
     """``--feature-map --n-features --phi-file [--dense]``; ``per_prompt`` adds ``learned-prompt`` (chat)."""
     if fn is None:
@@ -125,14 +150,16 @@ def check_phi_options(feature_map: str, phi_file: str | None) -> None:
 
 
 def config_from_options(top_k, n_sink, n_tail, selection, page_size, feature_map, n_features, seed=DEFAULTS.seed,
-                        n_clusters=DEFAULTS.n_clusters, fit_window=DEFAULTS.fit_window):
+                        n_clusters=DEFAULTS.n_clusters, fit_window=DEFAULTS.fit_window, budget=DEFAULTS.budget,
+                        max_dropped_mass=DEFAULTS.max_dropped_mass, min_top_k=DEFAULTS.min_top_k, certify=False):
     """The ``Config`` the flags describe (a bad value: one line, exit 2); learned maps are per layer and
     filled in once the model is loaded."""
     fmap = None if feature_map in ("none", "learned", "learned-prompt") else feature_map
     try:
         return Config(n_sink=n_sink, n_tail=n_tail, top_k=top_k, selection=selection, page_size=page_size,
                       feature_map=fmap, n_features=n_features, seed=seed, n_clusters=n_clusters,
-                      fit_window=fit_window)
+                      fit_window=fit_window, budget=budget, max_dropped_mass=max_dropped_mass,
+                      min_top_k=min_top_k, certify=certify)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
 

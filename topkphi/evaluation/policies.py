@@ -94,7 +94,8 @@ def _policy(method: str, budget: int | None, base: Config, n_tokens: int, d: int
         return Policy(method, budget, top_only, total)
     if method == "sink-tail":
         n_tail = max(base.n_tail, math.ceil(total) - base.n_sink)
-        cfg = base.replace(feature_map=None, top_k=1, n_tail=n_tail)
+        # no retrieval: a per-head budget (SPEC 10) has nothing to spread
+        cfg = base.replace(feature_map=None, top_k=1, n_tail=n_tail, budget="fixed", min_top_k=0, certify=False)
         return Policy(method, budget, cfg, float(base.n_sink + n_tail))
     raise ValueError(f"unknown method {method!r}; expected some of {', '.join(METHODS)}")
 
@@ -148,6 +149,7 @@ class SinkTailStats:
     tokens_read: Any  # [B, Hkv] n_sink + n_tail (or N when shorter)
     token_equivalents: Any  # the same: nothing but exact tokens is read
     n_tokens: int
+    budget: None = None  # no per-head budget (SPEC 10): nothing is retrieved
 
     def read_fraction(self) -> float:
         mean = self.token_equivalents.mean()

@@ -147,6 +147,7 @@ class TorchEngine(Engine):
                 self.stats.generated_tokens = len(reply)
                 if self.cfg is not None:
                     self.stats.rho, self.stats.read_fraction = self.cache.totals.means()
+                    self.stats.budget = self.cache.totals.budget_summary()
             self._settle(prompt + reply)
 
 def _sync(device: torch.device) -> None:

@@ -53,11 +53,28 @@ class DecodeTotals:
         self.steps = 0
         self.rho: torch.Tensor | float = 0.0
         self.read_fraction: torch.Tensor | float = 0.0
+        self.head_reads: list[torch.Tensor] = []  # per-head budgets (SPEC 10): each step's [B*Hkv] read fractions
+        self.budget: list[torch.Tensor] = []  # per step: [delta_hat, delta_bar, capped] means over heads
 
-    def add(self, rho: torch.Tensor, token_equivalents: torch.Tensor, n_tokens: int) -> None:
+    def add(self, rho: torch.Tensor, token_equivalents: torch.Tensor, n_tokens: int, budget=None) -> None:
         self.steps += 1
         self.rho = self.rho + rho.float().mean()
         self.read_fraction = self.read_fraction + token_equivalents.float().mean() / n_tokens
+        if budget is not None:
+            self.head_reads.append(token_equivalents.float().flatten() / n_tokens)
+            certified = budget.delta_bar if budget.delta_bar is not None else torch.full_like(budget.delta_hat, -1.0)
+            self.budget.append(torch.stack([budget.delta_hat.float().mean(), certified.float().mean(),
+                                            budget.capped.float().mean()]))
+
+    def budget_summary(self) -> dict | None:
+        """Per-head budgets: p95 of the per-head read fraction, mean estimated (and certified) dropped mass,
+        share of head-steps the cap stopped; None without per-head budgets."""
+        if not self.budget:
+            return None
+        means = torch.stack(self.budget).mean(0).tolist()
+        reads = torch.cat(self.head_reads)
+        return {"reads_p95": float(torch.quantile(reads, 0.95)), "delta_hat": means[0],
+                "delta_bar": means[1] if means[1] >= 0 else None, "capped": means[2]}
 
     def means(self) -> tuple[float, float]:
         """``(mean rho, mean fraction of the KV read)`` over every layer's decode steps."""
@@ -130,7 +147,7 @@ class TopKPhiLayer(DynamicLayer):
             queries = self.reference.take(query, self.n_tokens)
             self.summary = self.backend.build_summary(keys, values, self.cfg, queries=queries)
         out, stats = self.backend.decode(query, keys, values, self.summary, self.cfg)
-        self.totals.add(stats.rho, stats.token_equivalents, stats.n_tokens)
+        self.totals.add(stats.rho, stats.token_equivalents, stats.n_tokens, stats.budget)
         return out
 
     def _invalidate(self) -> None:
